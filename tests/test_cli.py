@@ -126,3 +126,15 @@ def test_explain_rejects_unknown_map(capsys, tiny_dir, image_file, tmp_path):
     code, _, err = run_cli(capsys, "explain", "--model", str(tiny_dir("llava")), "--image", str(image_file),
                            "--question", "q?", "--method", "deco", "-o", str(tmp_path / "x.png"))
     assert code == 2 and "rel-att, grad-att or pure-grad" in err
+
+
+def test_train_micro_passes_its_arguments_to_the_trainer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train-micro", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: innersight train-micro") and "--vision-steps" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["train-micro", "--steps", "3"])  # --out is required
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err

@@ -140,6 +140,19 @@ def demo(
     console.print(f"report: {result.report}")
 
 
+@app.command("train-micro", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                             "help_option_names": []})
+def train_micro(ctx: typer.Context) -> None:
+    """Train the micro model on its procedural world (all options: `innersight train-micro --help`).
+
+    Same as `python -m innersight.demo.train`; e.g. `innersight train-micro --out DIR --steps 4000
+    --vision-steps 2000 --threads 2 --seed 0` reproduces the bundled weights.
+    """
+    from .demo.train import main as train_main
+
+    raise typer.Exit(train_main(list(ctx.args), prog="innersight train-micro"))
+
+
 @app.command()
 def explain(
     model: ModelOpt,

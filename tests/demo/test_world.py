@@ -327,6 +327,41 @@ def test_two_image_sample_is_full_scene_then_crop() -> None:
         assert s.meta["crop_has_target"] == inside
 
 
+def _centres_in_crop(sample) -> tuple[bool, bool]:
+    """(target centre inside the crop, some other object's centre inside the crop)."""
+    x0, y0, x1, y1 = sample.meta["crop_box"]
+
+    def inside(box) -> bool:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        return x0 <= cx <= x1 and y0 <= cy <= y1
+
+    others = [o.box for o in sample.meta["scene"].objects if o.box != sample.meta["box"]]
+    return inside(sample.meta["box"]), any(inside(b) for b in others)
+
+
+@pytest.mark.parametrize("distractor", [0.0, 1.0])
+def test_distractor_crops_are_centred_on_another_object(distractor: float) -> None:
+    cfg = WorldConfig(crop_target_prob=0.0, crop_distractor_prob=distractor, crop_full_prob=0.0,
+                      crop_sides=(48, 56), min_objects=4)
+    rng = np.random.default_rng(15)
+    hits = [_centres_in_crop(World(cfg).sample(rng, "read", two_image=True))[1] for _ in range(40)]
+    if distractor == 1.0:
+        assert all(hits)  # the crop centre is within 0.3 side of an object centre, clamping keeps it in
+    else:
+        assert sum(hits) < 30  # random placement often shows no other object's centre
+
+
+def test_target_crops_hold_the_target_centre() -> None:
+    cfg = WorldConfig(crop_target_prob=1.0, crop_full_prob=0.0)
+    rng = np.random.default_rng(16)
+    assert all(_centres_in_crop(World(cfg).sample(rng, "colour", two_image=True))[0] for _ in range(40))
+
+
+def test_crop_probabilities_are_checked() -> None:
+    with pytest.raises(ValueError, match="crop_distractor_prob"):
+        WorldConfig(crop_distractor_prob=1.5)
+
+
 def test_oracle_crop_is_centred_on_the_target() -> None:
     w = World()
     for s in w.eval_samples("read", 6, seed=13, size_class="small", crop_side=64):

@@ -237,11 +237,6 @@ def load(path: str | Path) -> tuple[Any, Any]:
     return model, processor
 
 
-def bundled_dir() -> Path:
-    """Where the trained weights live inside the package (``innersight/demo/weights/micro``)."""
-    return Path(__file__).resolve().parent / "weights" / "micro"
-
-
 def config_dict(config: MicroConfig) -> dict[str, Any]:
     """``config`` as a JSON-ready dict."""
     return asdict(config)

@@ -12,7 +12,9 @@ stayed at chance. This stage breaks the loop with direct supervision of the enco
   encoder also learns where nothing is.
 
 Images are whole canvases and, on alternate steps, crops (so objects are seen at every zoom the
-model meets, including ViCrop's). The heads are thrown away afterwards; the encoder (and only
+model meets, including ViCrop's). Stage 1 draws its crops with :data:`CROP_MIX` — mostly on a
+question's target, never deliberately on another object — whatever stage 2's world uses: stage 1
+only has to see objects, stage 2 also has to learn to see past a crop that shows the wrong one. The heads are thrown away afterwards; the encoder (and only
 the encoder) moves on to stage 2 (:mod:`innersight.demo.train`).
 """
 
@@ -36,6 +38,8 @@ OBJ_SYMBOLS: tuple[str, ...] = SYMBOLS
 CELL_COLOURS: tuple[str, ...] = ("none", *COLOURS)
 #: loss weights of the colour, kind and symbol heads (symbols are the slowest to learn)
 HEAD_WEIGHTS: tuple[float, float, float] = (0.5, 1.0, 2.0)
+#: crop settings of stage 1's world (see the module docstring)
+CROP_MIX: dict[str, float] = {"crop_target_prob": 0.7, "crop_distractor_prob": 0.0}
 #: linear warm-up steps of stage 1's learning rate (then cosine decay, see train.warmup_cosine)
 WARMUP_STEPS = 100
 

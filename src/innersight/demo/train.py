@@ -30,7 +30,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -427,6 +427,7 @@ def pretrain_vision_stage(model: Any, processor: Any, world: World, cfg: TrainCo
     from . import pretrain_vision as pv
 
     path = out / "vision.pt"
+    world = World(replace(world.config, **pv.CROP_MIX))
     tower = model.model.vision_tower
     heads = pv.make_heads(int(model.config.vision_config.hidden_size)).to(device)
     params = [*tower.parameters(), *heads.parameters()]
@@ -668,9 +669,9 @@ def _world_dict(cfg: WorldConfig) -> dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m innersight.demo.train", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m innersight.demo.train") -> int:
+    """Command-line entry point (also ``innersight train-micro``, which passes its own ``prog``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output directory (weights, training.json)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-clock training budget")
     ap.add_argument("--steps", type=int, default=None, help="exact number of steps (overrides the estimate)")

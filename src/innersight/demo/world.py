@@ -184,7 +184,10 @@ class WorldConfig:
     #: side range, in canvas pixels, of the crops of two-image samples
     crop_sides: tuple[int, int] = (48, 128)
     #: probability that a two-image crop is centred (with jitter) on the target
-    crop_target_prob: float = 0.7
+    crop_target_prob: float = 0.55
+    #: probability that a crop *not* centred on the target is centred on another object instead
+    #: (else anywhere): the crops a misled attention map picks, which the answer must see past
+    crop_distractor_prob: float = 0.5
     #: probability that the second image is the whole canvas again (ViCrop's no-crop case)
     crop_full_prob: float = 0.08
     noise: int = 9
@@ -196,8 +199,10 @@ class WorldConfig:
         for k in self.cooccur_pair:
             if k not in SHAPES or k in LABEL_FRACTION:
                 raise ValueError(f"co-occurring kinds must be plain shapes without labels, not {k!r}")
-        if not 0.0 <= self.cooccur_rate <= 1.0 or not 0.0 <= self.pair_prob <= 1.0:
-            raise ValueError("cooccur_rate and pair_prob are probabilities")
+        probabilities = ("cooccur_rate", "pair_prob", "crop_target_prob", "crop_distractor_prob", "crop_full_prob")
+        for name in probabilities:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)!r}")
         if set(self.family_weights) - set(FAMILIES):
             raise ValueError(f"unknown families in family_weights: {set(self.family_weights) - set(FAMILIES)}")
         if self.min_objects < 1 or self.max_objects < self.min_objects:
@@ -824,18 +829,24 @@ class World:
             meta.update(size_class=target.size_class, size_px=target.size_px, box=target.box, target=0)
         sample = Sample(scene.render(), question, answer_text, family, meta)
         if two_image:
-            sample = add_crop(sample, self._crop_box(rng, meta["box"]))
+            others = [o.box for o in scene.objects if o.box != meta["box"]]
+            sample = add_crop(sample, self._crop_box(rng, meta["box"], others))
         return sample
 
-    def _crop_box(self, rng: np.random.Generator, target: Box | None) -> Box:
+    def _crop_box(self, rng: np.random.Generator, target: Box | None, others: Sequence[Box] = ()) -> Box:
         cfg = self.config
         size = cfg.canvas
         if rng.random() < cfg.crop_full_prob:
             return (0, 0, size, size)
         side = int(rng.integers(cfg.crop_sides[0], min(cfg.crop_sides[1], size) + 1))
+        centre_on = None
         if target is not None and rng.random() < cfg.crop_target_prob:
-            cx = (target[0] + target[2]) / 2.0 + rng.uniform(-0.3, 0.3) * side
-            cy = (target[1] + target[3]) / 2.0 + rng.uniform(-0.3, 0.3) * side
+            centre_on = target
+        elif others and cfg.crop_distractor_prob > 0 and rng.random() < cfg.crop_distractor_prob:
+            centre_on = others[int(rng.integers(len(others)))]
+        if centre_on is not None:
+            cx = (centre_on[0] + centre_on[2]) / 2.0 + rng.uniform(-0.3, 0.3) * side
+            cy = (centre_on[1] + centre_on[3]) / 2.0 + rng.uniform(-0.3, 0.3) * side
             return square_box((cx, cy), side, size)
         return square_box((rng.uniform(0, size), rng.uniform(0, size)), side, size)
 
