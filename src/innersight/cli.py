@@ -125,16 +125,20 @@ def demo(
     from rich.table import Table
 
     runs = ["plain", *methods]
+    # one row per method, one column per question set: stays readable in an 80-column terminal
     table = Table(title=f"innersight demo: {model}, {n} fresh scenes per set, accuracy %")
-    table.add_column("set")
-    for run in runs:
-        table.add_column(run, justify="right")
+    table.add_column("method", no_wrap=True)
     for demo_set in SETS:
-        acc = result.accuracy[demo_set.name]
-        best = max(acc.values())
-        table.add_row(demo_set.name, *[(f"[bold green]{100 * acc[r]:.1f}[/]" if acc[r] == best else f"{100 * acc[r]:.1f}")
-                                       for r in runs])
-    table.add_row("ms / answer", *[f"{1000 * result.seconds[r]:.0f}" for r in runs])
+        table.add_column(demo_set.name, justify="right")
+    table.add_column("ms/ans", justify="right")
+    best = {s.name: max(result.accuracy[s.name].values()) for s in SETS}
+    for run in runs:
+        cells = []
+        for demo_set in SETS:
+            value = result.accuracy[demo_set.name][run]
+            text = f"{100 * value:.1f}"
+            cells.append(f"[bold green]{text}[/]" if value == best[demo_set.name] else text)
+        table.add_row(run, *cells, f"{1000 * result.seconds[run]:.0f}")
     console = Console()
     console.print(table)
     console.print(f"report: {result.report}")

@@ -1,4 +1,4 @@
-"""`innersight demo` end to end on a tiny slice (an untrained micro model, so CI needs no weights)."""
+"""`innersight demo` end to end on a tiny slice, with its default model: the micro model shipped in the package."""
 
 from __future__ import annotations
 
@@ -10,14 +10,6 @@ from innersight.cli import main
 from innersight.demo.run import DEFAULT_METHODS, SETS, is_correct
 
 
-@pytest.fixture(scope="module")
-def untrained_micro(tmp_path_factory):
-    from innersight.demo import micro
-
-    model, processor = micro.build_untrained(seed=0)
-    return micro.save(model, processor, tmp_path_factory.mktemp("micro"))
-
-
 def test_answer_checks():
     assert is_correct("read", " 7. ", "7")
     assert not is_correct("read", "17", "7")
@@ -25,13 +17,14 @@ def test_answer_checks():
     assert is_correct("exist", "yes", "yes") and not is_correct("exist", "there is no star", "yes")
 
 
-def test_demo_writes_table_report_and_json(untrained_micro, tmp_path, capsys):
+def test_demo_writes_table_report_and_json(tmp_path, capsys):
     out = tmp_path / "demo"
     try:
-        main(["demo", "--model", str(untrained_micro), "--n", "2", "-o", str(out), "--json"])
+        main(["demo", "--n", "2", "-o", str(out), "--json"])
     except SystemExit as exc:
         assert exc.code in (0, None)
     payload = json.loads(capsys.readouterr().out)
+    assert payload["model"] == "micro"
     assert set(payload["accuracy"]) == {s.name for s in SETS}
     for accs in payload["accuracy"].values():
         assert set(accs) == {"plain", *DEFAULT_METHODS}
@@ -42,8 +35,8 @@ def test_demo_writes_table_report_and_json(untrained_micro, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["n_per_set"] == 2
 
 
-def test_demo_rejects_unknown_method(untrained_micro, tmp_path, capsys):
+def test_demo_rejects_unknown_method(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["demo", "--model", str(untrained_micro), "--n", "1", "--method", "nope", "-o", str(tmp_path)])
+        main(["demo", "--n", "1", "--method", "nope", "-o", str(tmp_path)])
     assert exc.value.code == 2
     assert "unknown method" in capsys.readouterr().err

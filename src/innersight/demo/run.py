@@ -22,7 +22,8 @@ from typing import Any
 #: held-out seed: training draws from (seed=0, step); evaluation inside training uses other seeds
 DEMO_SEED = 20261121
 
-DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "deco", "var")
+#: the four papers' methods (the baselines vcd and dola run with `--method`)
+DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "deco", "damro", "var")
 
 
 @dataclass(frozen=True)
