@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from innersight.attend.var import VAR, VARConfig
 from innersight.attention import (
@@ -30,6 +30,7 @@ from innersight.attention import (
 from innersight.decode.contrast import BRANCH_MODES, ContrastiveProcessor
 from innersight.decode.damro import DAMRO, DAMROConfig
 from innersight.decode.vcd import VCD, VCDConfig
+from innersight.testing.faults import RaiseOnStep
 
 FAMILIES = ["llava", "qwen2_vl"]
 CONTRASTS = ["damro", "vcd"]
@@ -277,17 +278,6 @@ def test_end_to_end_batched_equals_serial_and_batch_equals_unbatched(var_mllm, p
     assert text_attention(mllm.model) == "sdpa"
 
 
-class _RaiseOnSecondStep(StoppingCriteria):
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("boom mid-generation")
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
 def _hooks(model) -> dict[str, tuple[int, int]]:
     return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
@@ -312,7 +302,7 @@ def test_model_restored_after_exit_and_after_an_exception(var_mllm, plant, famil
         mllm.answer_batch(IMAGES, QUESTIONS, methods=["damro", "var"], settings=settings, max_new_tokens=3)
         assert _hooks(mllm.model) == planted_hooks and _no_marks(mllm)
         assert text_attention(mllm.model) == "sdpa"
-        stop = _RaiseOnSecondStep()
+        stop = RaiseOnStep(2)
         with pytest.raises(RuntimeError, match="boom"):
             mllm.answer_batch(IMAGES, QUESTIONS, methods=["damro", "var"], settings=settings, max_new_tokens=5,
                               stopping_criteria=StoppingCriteriaList([stop]))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from innersight.decode.contrast import (
     BRANCH_MODES,
@@ -31,6 +31,7 @@ from innersight.decode.damro import (
 )
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
+from innersight.testing.faults import RaiseOnStep
 
 NEG = float("-inf")
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
@@ -585,17 +586,6 @@ def _hooks(model) -> dict[str, tuple[int, int]]:
     return {name: (len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()}
 
 
-class _RaiseOnSecondStep(StoppingCriteria):
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("boom mid-generation")
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
@@ -609,7 +599,7 @@ def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family)
     assert _hooks(mllm.model) == hooks
     with pytest.raises(RuntimeError, match="boom"):
         mllm.answer(image(8), "what is it?", methods=["damro"], settings=settings, max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([_RaiseOnSecondStep()]))
+                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
     assert _hooks(mllm.model) == hooks
     assert mllm.adapter.vision_tower.config._attn_implementation == vision_impl
     with torch.no_grad():

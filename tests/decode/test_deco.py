@@ -7,12 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from innersight.decode.deco import DeCo, DeCoConfig, DeCoProcessor, candidates, deco_correct
 from innersight.decode.early_exit import EarlyExit
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
+from innersight.testing.faults import RaiseOnStep
 
 NEG = float("-inf")
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
@@ -354,17 +355,6 @@ def test_sampling_sees_raw_logits_before_warpers(tiny_mllm, image, monkeypatch):
         torch.testing.assert_close(early[:, -1], scores)  # not divided by the temperature
 
 
-class _RaiseOnSecondStep(StoppingCriteria):
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("boom mid-generation")
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, family, image, hook_counts):
     mllm = tiny_mllm(family)
@@ -376,7 +366,7 @@ def test_model_restored_after_exit_and_after_exception(tiny_mllm, family, image,
     assert hook_counts(mllm) == before_hooks
     with pytest.raises(RuntimeError, match="boom"):
         mllm.answer(image(6), "what is it?", methods=["deco"], max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([_RaiseOnSecondStep()]))
+                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
     assert hook_counts(mllm) == before_hooks
     with torch.no_grad():
         after = mllm.model(**batch.inputs).logits

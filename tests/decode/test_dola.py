@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from innersight.decode.dola import DoLa, DoLaConfig, DoLaProcessor, bucket_layers, dola_contrast, lm_head_tied
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
+from innersight.testing.faults import RaiseOnStep
 
 NEG = float("-inf")
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
@@ -227,17 +228,6 @@ def test_beam_search_returns_log_probs(tiny_mllm, family, image, monkeypatch):
         torch.testing.assert_close(out.logsumexp(-1), torch.zeros(4), atol=1e-5, rtol=0)
 
 
-class _RaiseOnSecondStep(StoppingCriteria):
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("boom mid-generation")
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, family, image, hook_counts):
     mllm = tiny_mllm(family)
@@ -249,7 +239,7 @@ def test_model_restored_after_exit_and_after_exception(tiny_mllm, family, image,
     assert hook_counts(mllm) == before_hooks
     with pytest.raises(RuntimeError, match="boom"):
         mllm.answer(image(6), "what is it?", methods=["dola"], settings={"dola": STRONG}, max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([_RaiseOnSecondStep()]))
+                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
     assert hook_counts(mllm) == before_hooks
     with torch.no_grad():
         after = mllm.model(**batch.inputs).logits

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from innersight.adapters.base import Batch
 from innersight.decode.contrast import (
@@ -28,6 +28,7 @@ from innersight.decode.vcd import (
 )
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
+from innersight.testing.faults import RaiseOnStep
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
@@ -250,17 +251,6 @@ def test_sampling_is_seeded_by_the_caller(tiny_mllm, image):
     assert runs[0] == runs[1]
 
 
-class _RaiseOnSecondStep(StoppingCriteria):
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("boom mid-generation")
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
@@ -271,7 +261,7 @@ def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family)
     mllm.answer(image(10), "what is it?", methods=["vcd"], max_new_tokens=3)
     with pytest.raises(RuntimeError, match="boom"):
         mllm.answer(image(10), "what is it?", methods=["vcd"], max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([_RaiseOnSecondStep()]))
+                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
     assert hooks == {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in mllm.model.named_modules()}
     with torch.no_grad():
         after = mllm.model(**batch.inputs).logits
