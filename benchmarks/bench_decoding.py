@@ -60,6 +60,11 @@ SHAPES: dict[str, dict[str, int | None]] = {
                   vocab=None, vision_hidden=64, vision_intermediate=128, vision_layers=2, vision_heads=4),
     "tiny": dict(image_size=336, patch_size=14, hidden_size=256, intermediate_size=512, num_layers=8, num_heads=8,
                  vocab=None, vision_hidden=256, vision_intermediate=512, vision_layers=4, vision_heads=8),
+    # the CPU proxy of the 7B shape: LLaVA-1.5 geometry (576 image tokens) and the real 32064-token
+    # vocabulary (so lm_head costs count as at 7B), decoder 768 wide x 12 layers, a small vision tower
+    "proxy": dict(image_size=336, patch_size=14, hidden_size=768, intermediate_size=2048, num_layers=12,
+                  num_heads=12, vocab=32064, vision_hidden=256, vision_intermediate=512, vision_layers=4,
+                  vision_heads=8),
     "7b": dict(image_size=336, patch_size=14, hidden_size=4096, intermediate_size=11008, num_layers=32,
                num_heads=32, vocab=32064, vision_hidden=1024, vision_intermediate=4096, vision_layers=24,
                vision_heads=16),

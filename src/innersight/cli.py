@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -474,8 +475,24 @@ def _shown(value: object) -> str:
     return repr(value) if value == "" else str(value)
 
 
+class _WarningLine(logging.Handler):
+    """innersight's warnings (e.g. a negative branch that had to run serially, VAR finding no
+    sinks) as one ``warning: ...`` line each on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"warning: {record.getMessage()}\n")
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("innersight")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        handler = _WarningLine(level=logging.WARNING)
+        logger.addHandler(handler)  # root has no handler in a CLI run: logging's last resort stays silent
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    _show_warnings()
     try:
         app(args=argv, standalone_mode=True)
     except InnersightError as exc:

@@ -169,12 +169,18 @@ class Plan:
 
                 generation = {**generation, "logits_processor": LogitsProcessorList(processors)}
             ids = mllm.generate(batch, **generation)
+        # what the decoding processors report of this call (e.g. which negative branch ran)
+        call_details: dict[str, Any] = {}
+        for processor in processors:
+            report = getattr(processor, "details", None)
+            if callable(report):
+                call_details.update(report())
         answers = []
         for row, q, p, extra in zip(ids, questions, batch.prompts, extras):
             answer = Answer(text=mllm.decode(row), question=q, prompt=p, methods=self.names, token_ids=row)
             answer.box, answer.crop = extra.get("box"), extra.get("crop")
             answer.maps = extra.get("maps", {})
-            answer.details = {"configs": self.configs(), **extra.get("details", {})}
+            answer.details = {"configs": self.configs(), **extra.get("details", {}), **call_details}
             answers.append(answer)
         return answers
 

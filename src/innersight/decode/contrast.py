@@ -35,13 +35,31 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
     numbering), and the forward hook splits the ``[2B, 1, V]`` logits: ``generate`` sees its ``B``
     rows, the processor reads the other ``B``.
 
-  Facts of transformers 5.23 this relies on (``generation/utils.py``): greedy search and sampling
-  never look at the cache's batch size; ``generate`` passes ``position_ids`` explicitly at every
-  step (``[B, 1]``, or ``[4, B, 1]`` for Qwen's M-RoPE: text row + 3 M-RoPE rows), which the
-  pre-hook extends; the decode-step attention mask is 2D (``None`` when there is no padding). The
-  main rows' keys, values, mask and positions are exactly those of a plain run. When the cache is
-  not a plain ``DynamicCache`` (static, sliding-window, quantised) the branch falls back to serial.
+  What this reads of ``generate``'s calls, and how it survives renames (transformers 5.25 renamed
+  the cache argument ``past_key_values`` to ``cache``, which silently turned an earlier version of
+  this branch serial): the KV cache is found by *type* among the call's keyword arguments
+  (:func:`innersight.generation_calls.find_cache`, known names first, then any ``Cache``), and
+  our own forwards pass the cache under the name the forward declares. The other inputs are
+  public ``forward`` arguments: ``input_ids`` (one token per row at a step), ``attention_mask``
+  (2D, or ``None`` without padding; a 4D mask of a compiled cache is refused) and
+  ``position_ids`` (``[B, 1]``, or ``[4, B, 1]`` for Qwen's M-RoPE: text row + 3 M-RoPE rows),
+  which ``generate`` passes at every step and the pre-hook extends; a missing one is refused
+  loudly, never guessed. Greedy search and sampling never look at the cache's batch size. The
+  main rows' keys, values, mask and positions are exactly those of a plain run. When the branch
+  cannot batch (no cache found, ``use_cache=False``, a static, sliding-window or quantised
+  cache) it runs serially with the same tokens and says so: :meth:`NegativeBranch.details`
+  (copied into each answer's ``details`` and eval row) names the mode and the reason, and a
+  ``logging`` warning is given once per reason (the CLI prints it as one ``warning:`` line).
   On exit the shared cache is cut back to the main rows.
+
+  Why hooks and not a loop of our own: a ``custom_generate`` function or a hand-written decoding
+  loop would not depend on ``generate``'s call convention at all, but it would have to
+  re-implement what ``generate`` gives every other method and user (sampling warpers, stopping
+  criteria, streamers, user logits processors) and would itself follow private helpers of
+  ``generate`` that move as fast. The hooks rely on three public forward arguments and on a
+  cache found by type; ``tests/decode/test_branch_conventions.py`` pins each supported name, and
+  the family tests assert that the batched mode really runs on the installed transformers (CI
+  runs them on the floor and the newest release).
 * ``serial``: one extra forward per step on the branch's own cache (last position only through
   the LM head), called from the logits processor.
 
@@ -79,6 +97,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +109,11 @@ from transformers import LogitsProcessor
 
 from ..attention import handler_rows
 from ..errors import MethodError
+from ..generation_calls import cache_argument, find_cache, output_cache
 from ..hooks import HookHandles
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 BRANCH_MODES = ("batched", "serial")
 
@@ -336,8 +359,14 @@ class NegativeBranch:
         self._mask: torch.Tensor | None = None  # [B, L] negative attention mask so far
         self._next_positions: torch.Tensor | None = None  # [B, 1] or [4, B, 1]
         self._seen: int | None = None
+        #: why the branch ran serially although ``batched`` was asked for (None otherwise)
+        self.fallback: str | None = None
+        self._main_cache: Any = None  # the cache generate passed to the main prefill
+        self._prefill_called = False
+        self._use_cache = True
         accepts = inspect.signature(self.module.forward).parameters
         self._logits_to_keep = "logits_to_keep" in accepts
+        self._cache_arg = cache_argument(self.module.forward)
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> NegativeBranch:
@@ -367,12 +396,29 @@ class NegativeBranch:
             self._mask = self._next_positions = None
             self._active = False
 
+    # ------------------------------------------------------------------ fallback
+    def _fall_back(self, reason: str) -> None:
+        """Record why the batched branch cannot run (the answer's details carry it) and warn once
+        per reason and process: the serial branch gives the same tokens at a higher cost."""
+        self.fallback = reason
+        if reason not in _warned:
+            _warned.add(reason)
+            log.warning("the negative branch runs serially (one extra forward per token), not batched: %s", reason)
+
+    def details(self) -> dict[str, Any]:
+        """How the branch ran, for the answer's ``details``: ``{"mode": ..., "requested": ...}``
+        plus ``"fallback"`` (the reason) when ``batched`` was asked for and could not be used."""
+        out: dict[str, Any] = {"mode": self.mode, "requested": self.requested}
+        if self.fallback is not None:
+            out["fallback"] = self.fallback
+        return out
+
     # ------------------------------------------------------------------ forwards
     def _forward(self, cache: Any, *, mask: torch.Tensor, positions: torch.Tensor,
                  embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
         """One forward of the negative rows alone on ``cache``, attention handlers bypassed;
         last-position logits [B, V] float32."""
-        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, "past_key_values": cache,
+        kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, self._cache_arg: cache,
                                   "use_cache": True, "return_dict": True}
         if embeds is not None:
             kwargs["inputs_embeds"] = embeds
@@ -426,6 +472,15 @@ class NegativeBranch:
             assert self.logits is not None
             return self.logits
         if self.mode is None:  # the prefill hook did not run (serial mode)
+            if self.requested == "batched":
+                if not self._prefill_called:
+                    self._fall_back("generate's forward ran outside the model the branch hooks "
+                                    f"({type(self.module).__name__})")
+                elif not self._use_cache:
+                    self._fall_back("generate ran without a KV cache (use_cache=False)")
+                else:
+                    self._fall_back("generate's prefill carried no KV cache the branch could find "
+                                    "(an unknown calling convention of this transformers version)")
             self.cache = self._prefill(int(input_ids.shape[0]))
             self.mode = "serial"
         elif self._seen is not None:
@@ -441,9 +496,11 @@ class NegativeBranch:
         if self._inside:
             return None
         if self.mode is None:
-            cache = kwargs.get("past_key_values")
-            empty = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0
-            self._prefill_pending = empty and bool(kwargs.get("use_cache", True))
+            self._prefill_called = True
+            _, cache = find_cache(kwargs)
+            self._use_cache = kwargs.get("use_cache") is not False
+            self._prefill_pending = self._use_cache and (cache is None or int(cache.get_seq_length()) == 0)
+            self._main_cache = cache
             return None
         if self.mode != "batched":
             return None
@@ -455,7 +512,10 @@ class NegativeBranch:
             raise MethodError("negative branch: a decoding step must feed one token per row")
         assert self._mask is not None and self._next_positions is not None
         kwargs["input_ids"] = torch.cat([ids, ids], dim=0)  # [2B, 1]
-        cache = kwargs["past_key_values"]
+        _, cache = find_cache(kwargs)
+        if cache is not self.cache:
+            raise MethodError("negative branch: a decoding step did not carry the shared KV cache; "
+                              "generate's calling convention changed under the branch")
         total = int(cache.get_seq_length()) + 1
         main_mask = kwargs.get("attention_mask")
         if isinstance(main_mask, dict):
@@ -487,10 +547,19 @@ class NegativeBranch:
             self._prefill_pending = False
             rows = int(output.logits.shape[0])
             negative = self._prefill(rows)
-            main = output.past_key_values
+            main = self._main_cache if self._main_cache is not None else output_cache(output)
+            self._main_cache = None
             assert self.inputs is not None and self._mask is not None
             pad = int(main.get_seq_length()) - self.inputs.length if main is not None else -1
-            if pad >= 0 and _merge_into(main, negative, pad):
+            if main is None:
+                self._fall_back("generate's prefill carried no KV cache the branch could find "
+                                "(an unknown calling convention of this transformers version)")
+            elif pad < 0:
+                self._fall_back(f"the negative prompt ({self.inputs.length} tokens) is longer than the main prompt")
+            elif not _merge_into(main, negative, pad):
+                self._fall_back(f"the KV cache ({type(main).__name__}) is not a plain DynamicCache "
+                                "(static, sliding-window or quantised caches cannot take extra rows)")
+            if self.fallback is None:
                 self.mode, self.cache = "batched", main
                 self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]
                 # from now on forwards carry 2B rows: attention handlers see the first B only
@@ -544,6 +613,7 @@ class ContrastiveProcessor(LogitsProcessor):
         self.alpha, self.beta = float(alpha), float(beta)
         self.contexts = tuple(contexts)
         self.seed = seed
+        self.name = name
         #: the negative logits used at the latest step, [B, V]
         self.last_negative: torch.Tensor | None = None
         self._stack: contextlib.ExitStack | None = None
@@ -573,6 +643,11 @@ class ContrastiveProcessor(LogitsProcessor):
         stack, self._stack = self._stack, None
         if stack is not None:
             stack.__exit__(exc_type, exc, tb)
+
+    def details(self) -> dict[str, Any]:
+        """What this call did, for the answers' ``details``: ``{name: {"branch": {...}}}``, the
+        branch's mode (``batched`` / ``serial``), the mode asked for, and any fallback's reason."""
+        return {self.name: {"branch": self.branch.details()}}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         negative = self.branch.step_logits(input_ids)  # [B, V]
