@@ -104,6 +104,11 @@ class InstructBlipAdapter(Adapter):
         return -1
 
     @property
+    def projector_vision_layers(self) -> tuple[int, ...]:
+        """The Q-Former cross-attends to ``post_layernorm`` of the ViT's last layer's output."""
+        return (len(self.vision_layers) - 1,)
+
+    @property
     def vision_post_layernorm(self) -> Any:
         """The LayerNorm applied to the ViT's last hidden state before the Q-Former reads it."""
         return self.vision_tower.post_layernorm
