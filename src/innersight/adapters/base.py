@@ -243,7 +243,15 @@ class Adapter(ABC):
             content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
             messages = [{"role": "user", "content": content}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if template == "reference":
+            question = self.reference_question(question)
         return self.reference_template.format(images=self.image_placeholder(num_images), question=question)
+
+    def reference_question(self, question: str) -> str:
+        """The question as the family's ``reference`` template writes it: how a trailing
+        answer-format instruction (:data:`innersight.prompts.ANSWER_FORMATS`) attaches to the
+        question in the paper's code. The base: as given."""
+        return question
 
     def image_placeholder(self, num_images: int) -> str:
         """Text that stands for ``num_images`` images in a reference-template prompt."""
