@@ -57,11 +57,13 @@ def pool_to_grid(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def pure_grad_maps(mllm: Any, images: list[Any], questions: list[str], config: Any,
-                   template: str = "chat") -> list[tuple[np.ndarray, Any, dict[str, np.ndarray]]]:
-    """(map [rows, cols], view, raw maps) per sample; question and generic prompt in one batch."""
+                   template: str = "chat", generic: list[str] | None = None) -> list[tuple[np.ndarray, Any, dict[str, np.ndarray]]]:
+    """(map [rows, cols], view, raw maps) per sample; question and generic prompt in one batch
+    (``generic``: one generic prompt per question; None: ``config.generic_instruction``)."""
     adapter = mllm.adapter
     n = len(questions)
-    batch = mllm.prepare(list(images) * 2, list(questions) + [config.generic_instruction] * n, template=template)
+    generic = [config.generic_instruction] * n if generic is None else list(generic)
+    batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
     pixel_values = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
     inputs = {**batch.inputs, "pixel_values": pixel_values}
     with torch.enable_grad():
