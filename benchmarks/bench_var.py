@@ -130,7 +130,7 @@ def _reference_run_class() -> type:
                 _, image0, last0 = self._prompt_masks(device)
                 image = self._keys(image0, rows, lk)  # [B, Lk]
                 new, qualifies = redistribute(probs, sinks[:, None, None, :], image[:, None, None, :],
-                                              p=self.config.p, rho=self.rho,
+                                              p=self.config.effective_p, rho=self.rho,
                                               min_image_attention=self.config.min_image_attention)
                 position = torch.arange(lk - lq, lk, device=device)  # [Lq]
                 last = last0.repeat_interleave(self._repeats(rows))  # [B]

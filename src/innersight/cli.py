@@ -221,7 +221,7 @@ def eval_(
     template: Annotated[str, typer.Option(help="Prompt template: chat (the model's own) or reference (the papers').")] = "chat",
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate only the first N samples.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per generation batch.")] = 8,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens (default: the preset's).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens (default: the preset's; vicrop on its paper's benchmarks: 20).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     image_ids: Annotated[Path | None, typer.Option("--image-ids", help="CHAIR: file of COCO image ids to caption.")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Folder of the benchmark's images, when not in the official place.")] = None,

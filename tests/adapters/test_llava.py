@@ -70,4 +70,9 @@ def test_batch_equals_unbatched(mllm):
 
 
 def test_reference_template(mllm):
-    assert mllm.adapter.format_prompt("why?", 2, "reference") == "USER: <image>\n<image>\nwhy? ASSISTANT:"
+    """ViCrop's reference prompt (issue 14: images first, USER:, ASSISTANT: on a new line)."""
+    assert mllm.adapter.format_prompt("why?", 2, "reference") == "<image><image>\nUSER: why?\nASSISTANT:"
+    prompt = mllm.adapter.format_prompt("why?", 2, "reference")
+    batch = mllm.adapter.prepare([[_img(80, 50, "red"), _img(40, 70, "blue")]], [prompt])
+    rows, cols = mllm.adapter.patch_grid
+    assert [lay.num_tokens for lay in batch.layouts[0]] == [rows * cols, rows * cols]  # both images expanded

@@ -85,7 +85,8 @@ def test_redistribution_broadcasts_over_samples_heads_rows():
 # ---------------------------------------------------------------------- configuration
 def test_config_defaults_presets_and_validation():
     config = VARConfig()
-    assert (config.p, config.effective_rho, config.min_image_attention, config.tau) == (0.6, 0.8, 0.2, 20.0)
+    assert (config.effective_p, config.effective_rho, config.min_image_attention, config.tau) == (0.6, 0.8, 0.2, 20.0)
+    assert config.preset == "paper" and config.p is None
     assert config.sink_dims is None
     assert TASK_RHO == {"general": 0.8, "hallucination": 0.5, "vision-centric": 0.9}
     assert VARConfig(task="hallucination").effective_rho == 0.5
@@ -94,7 +95,7 @@ def test_config_defaults_presets_and_validation():
     assert "2503.03321" in fields["p"].metadata["source"]
     assert fields["p"].metadata["reference_code"] == "1 - p"
     assert fields["rho"].metadata["reference_code"] == "1 - rho"
-    for bad in ({"p": 1.5}, {"task": "magic"}, {"rho": -0.1}, {"tau": 0.0}, {"sink_dims": (-1,)},
+    for bad in ({"p": 1.5}, {"preset": "reference"}, {"task": "magic"}, {"rho": -0.1}, {"tau": 0.0}, {"sink_dims": (-1,)},
                 {"detect_recurrence": 0.0}):
         with pytest.raises(MethodError):
             VARConfig(**bad)

@@ -203,7 +203,7 @@ def test_clip_outliers_equal_hand_computation_from_eager_attentions(tiny_mllm, i
     pixels = batch.inputs["pixel_values"]
     base = pixels if family == "llava" else pixels[:, 0]  # LLaVA-NeXT: the base view is tile 0
     layer = default_vision_layer(adapter)
-    assert layer == len(vision_encoder_layers(adapter)) - 1  # vision_feature_layer -2: the last layer's input
+    assert layer == len(vision_encoder_layers(adapter)) - 2  # vision_feature_layer -2: the layer whose output the projector reads
     attn = _eager_vision(adapter.vision_tower, base)[layer][:, :, 0]  # [N, H, 1 + P] the [CLS] rows
     heads = attn.shape[1]
     if reduction == "mean_heads":

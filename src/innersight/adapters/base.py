@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import UserInputError
+from ..errors import MethodError, UserInputError
 from .geometry import GridView
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,9 +139,60 @@ class Adapter(ABC):
 
     @property
     def vision_feature_layer(self) -> int:
-        """Index into the vision encoder's ``hidden_states`` that the projector consumes."""
+        """Index into the vision encoder's ``hidden_states`` that the projector consumes (the
+        last of them when the config lists several)."""
         layer = getattr(self.config, "vision_feature_layer", -1)
         return layer if isinstance(layer, int) else layer[-1]
+
+    @property
+    def vision_layers(self) -> Any:
+        """The vision encoder's list of transformer layers (CLIP / BLIP:
+        ``vision_model.encoder.layers`` or ``encoder.layers``; Qwen: ``blocks``)."""
+        tower = self.vision_tower
+        if hasattr(tower, "blocks"):
+            return tower.blocks
+        model = getattr(tower, "vision_model", tower)
+        encoder = getattr(model, "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise MethodError(f"{self.family}: cannot find the vision encoder's layers")
+        return encoder.layers
+
+    @property
+    def projector_vision_layers(self) -> tuple[int, ...]:
+        """0-based indices into :attr:`vision_layers` of the layers whose **outputs** the
+        projector consumes, in config order.
+
+        ``hidden_states`` of a vision encoder with ``n`` layers has ``n + 1`` entries: index 0 is
+        the patch embeddings and index ``j >= 1`` the output of ``layers[j - 1]``. So LLaVA-1.5's
+        ``vision_feature_layer = -2`` on CLIP ViT-L (24 layers) is ``hidden_states[23]``, the
+        output of ``layers[22]`` (the penultimate layer). Families whose projector reads the last
+        layer override nothing: ``vision_feature_layer = -1`` maps to ``n - 1``.
+
+        Raises:
+            MethodError: a configured index that names the patch embeddings (no layer) or lies
+                outside ``hidden_states``.
+        """
+        config = getattr(self.config, "vision_feature_layer", None)
+        indices = [self.vision_feature_layer] if config is None or isinstance(config, int) else list(config)
+        n = len(self.vision_layers)
+        out = []
+        for index in indices:
+            if not -(n + 1) <= int(index) <= n:
+                raise MethodError(f"{self.family}: vision_feature_layer {index} lies outside the {n + 1} hidden states "
+                                  f"of a {n}-layer vision encoder")
+            hidden = int(index) % (n + 1)
+            if hidden == 0:
+                raise MethodError(f"{self.family}: vision_feature_layer {index} names the patch embeddings, which "
+                                  f"no vision layer outputs")
+            out.append(hidden - 1)
+        return tuple(out)
+
+    @property
+    def projector_vision_layer(self) -> int:
+        """The deepest of :attr:`projector_vision_layers`: the vision layer whose output the
+        projector consumes (its self-attention is the one DAMRO and the outlier-overlap
+        instrument read, arXiv 2410.04514 Sec. 3.3)."""
+        return max(self.projector_vision_layers)
 
     @property
     def num_layers(self) -> int:
@@ -192,7 +243,15 @@ class Adapter(ABC):
             content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
             messages = [{"role": "user", "content": content}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if template == "reference":
+            question = self.reference_question(question)
         return self.reference_template.format(images=self.image_placeholder(num_images), question=question)
+
+    def reference_question(self, question: str) -> str:
+        """The question as the family's ``reference`` template writes it: how a trailing
+        answer-format instruction (:data:`innersight.prompts.ANSWER_FORMATS`) attaches to the
+        question in the paper's code. The base: as given."""
+        return question
 
     def image_placeholder(self, num_images: int) -> str:
         """Text that stands for ``num_images`` images in a reference-template prompt."""
@@ -278,4 +337,5 @@ class Adapter(ABC):
             "kv_heads": self.num_kv_heads,
             "hidden_size": self.hidden_size,
             "vision_feature_layer": self.vision_feature_layer,
+            "projector_vision_layer": self.projector_vision_layer,
         }

@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MethodError, UnsupportedModelError, UserInputError
+from ..prompts import split_answer_format
 from .base import Adapter, Batch
 from .geometry import GridView, processed_region
 
@@ -102,6 +103,11 @@ class InstructBlipAdapter(Adapter):
     def vision_feature_layer(self) -> int:
         """The Q-Former reads the ViT's last layer: ``post_layernorm(hidden_states[-1])``."""
         return -1
+
+    @property
+    def projector_vision_layers(self) -> tuple[int, ...]:
+        """The Q-Former cross-attends to ``post_layernorm`` of the ViT's last layer's output."""
+        return (len(self.vision_layers) - 1,)
 
     @property
     def vision_post_layernorm(self) -> Any:
@@ -164,6 +170,11 @@ class InstructBlipAdapter(Adapter):
         return int(token_id)
 
     # ------------------------------------------------------------------ prompts and inputs
+    def reference_question(self, question: str) -> str:
+        """The reference template's ``Short answer:`` cue replaces an answer-format instruction:
+        ViCrop's reference prompt is ``Question: <question> Short answer:`` with no instruction."""
+        return split_answer_format(question)[0]
+
     def image_placeholder(self, num_images: int) -> str:
         """Empty: the query placeholders are prepended when the inputs are built."""
         return ""

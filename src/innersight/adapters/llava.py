@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..prompts import split_answer_format, with_answer_format
 from .base import Adapter, Batch
 from .geometry import GridView, processed_region, row_major_index
 
@@ -19,7 +20,8 @@ class LlavaModules:
     multi_modal_projector, language_model}``) and llava-hf's prompt template."""
 
     model: Any
-    # the template of llava-hf (and of ViCrop's/DAMRO's evaluation), no system prompt
+    # llava-hf's documented prompt format, no system prompt (LLaVA-NeXT's reference; LLaVA-1.5
+    # overrides it with ViCrop's reference prompt)
     reference_template = "USER: {images}{question} ASSISTANT:"
 
     @property
@@ -38,6 +40,18 @@ class LlavaModules:
 class LlavaAdapter(LlavaModules, Adapter):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
+    #: ViCrop's reference prompt for llava-hf LLaVA-1.5 (reference code ``run.py``): the images
+    #: first, then ``USER: <question> <instruction>`` and ``ASSISTANT:`` on a new line
+    reference_template = "{images}\nUSER: {question}\nASSISTANT:"
+
+    def image_placeholder(self, num_images: int) -> str:
+        """``<image>`` per image, with nothing between them (``<image><image>`` in the reference)."""
+        return "<image>" * num_images
+
+    def reference_question(self, question: str) -> str:
+        """The reference joins the question and its answer-format instruction with a space."""
+        core, _, instruction = split_answer_format(question)
+        return with_answer_format(core, " ", instruction)
 
     @property
     def patch_grid(self) -> tuple[int, int]:

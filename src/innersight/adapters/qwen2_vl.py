@@ -159,6 +159,11 @@ class Qwen2VLAdapter(Adapter):
         return -1
 
     @property
+    def projector_vision_layers(self) -> tuple[int, ...]:
+        """The patch merger reads the last vision block's output."""
+        return (len(self.vision_layers) - 1,)
+
+    @property
     def spatial_merge_size(self) -> int:
         """Side of the block of vision patches merged into one language-model token (2)."""
         return int(self.config.vision_config.spatial_merge_size)

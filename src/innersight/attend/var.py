@@ -33,9 +33,21 @@ only the main rows of a batched step and none of the branch's own forwards, and 
 (the sink detection on the layers' inputs) follows the same scope, so a negative prompt of the
 main prompt's length (VCD) never replaces the main sink masks.
 
-The reference code stores both parameters as complements: ``p_code = 1 - p`` (the factor the sink
-attention is multiplied by) and ``rho_code = 1 - rho`` (a bound on the visual sink share). This
-API uses the paper's semantics: ``p = 0.6`` means 60% of the sink attention is moved.
+Two conventions for ``p`` and ``rho`` (docs/faithfulness.md):
+
+* the paper (Sec. 4, Eq. 3-4): a sink entry becomes ``(1 - p) a``, the budget is
+  ``Omega = p * sum(a[sinks])``, so ``p`` is the share **moved**; a head/row is image-centric when
+  its visual non-sink ratio ``r = a[non-sink image] / a[image] >= rho``. Its settings: ``p = 0.6``,
+  ``rho`` 0.8 (general), 0.5 (hallucination), 0.9 (vision-centric).
+* the reference code (``VARProcessor.attn_redist`` / ``HeadFork``): sinks are multiplied by
+  ``p_code`` and the budget is ``(1 - p_code) * sum``, so ``p_code`` is the share **kept**
+  (``p = 1 - p_code``); a row qualifies when the visual *sink* share ``<= rho_code``
+  (``rho = 1 - rho_code``). Its example config (``tau 20, rho 0.5, p 0.6, summ 0.2``) therefore
+  moves 40% of the sink attention (``p = 0.4``) with ``rho = 0.5``.
+
+This API uses the paper's semantics throughout. ``preset="paper"`` (default) takes the paper's
+values; ``preset="official"`` takes the reference example config's values, converted
+(:data:`OFFICIAL_P`, :data:`OFFICIAL_RHO`); an explicit ``p`` or ``rho`` wins over either.
 """
 
 from __future__ import annotations
@@ -59,6 +71,19 @@ log = logging.getLogger(__name__)
 _SOURCE = "arXiv 2503.03321"
 #: rho per task family (arXiv 2503.03321: general / hallucination / vision-centric tasks)
 TASK_RHO = {"general": 0.8, "hallucination": 0.5, "vision-centric": 0.9}
+#: the paper's p (share of the sink attention moved)
+PAPER_P = 0.6
+#: the reference code's example config (p_code 0.6, rho_code 0.5) in the paper's semantics
+OFFICIAL_P_CODE, OFFICIAL_RHO_CODE = 0.6, 0.5
+OFFICIAL_P, OFFICIAL_RHO = round(1 - OFFICIAL_P_CODE, 10), round(1 - OFFICIAL_RHO_CODE, 10)
+PRESETS = ("paper", "official")
+_CODE = "reference code MICV-yonsei/VisAttnSink (src/logic/logic.py, example experiment config)"
+
+
+def from_reference(p_code: float, rho_code: float) -> tuple[float, float]:
+    """``(p, rho)`` in the paper's semantics for the reference code's ``(p, rho)``: the code keeps
+    ``p_code`` of the sink attention and bounds the visual sink share by ``rho_code``."""
+    return round(1 - float(p_code), 10), round(1 - float(rho_code), 10)
 _TINY = 1e-30
 
 
@@ -66,15 +91,24 @@ _TINY = 1e-30
 class VARConfig:
     """VAR's settings with the paper's semantics and defaults."""
 
-    #: share of the sink attention moved to non-sink image tokens; reference code: p_code = 1 - p
-    p: float = field(default=0.6, metadata={"source": f"{_SOURCE}: p = 0.6", "reference_code": "1 - p"})
+    #: share of the sink attention moved to non-sink image tokens (paper semantics: a sink entry
+    #: becomes (1 - p) a); None: the preset's (paper 0.6, official 0.4)
+    p: float | None = field(default=None, metadata={
+        "source": f"{_SOURCE} Sec. 4 Eq. 4: sink a -> (1 - p) a, budget p * sum(sink a); p = 0.6",
+        "reference_code": "1 - p",
+        "official": f"{OFFICIAL_P} (the reference example config's p_code {OFFICIAL_P_CODE} keeps 60%, moves 40%; {_CODE})"})
+    #: "paper" (the paper's p and rho) or "official" (the reference example config, converted)
+    preset: str = field(default="paper", metadata={
+        "source": f"{_SOURCE} (paper) / {_CODE} (official); docs/faithfulness.md"})
     #: the task preset that sets rho when rho is not given
     task: str = field(default="general", metadata={
         "source": f"{_SOURCE}: rho 0.8 general, 0.5 hallucination, 0.9 vision-centric tasks"})
-    #: minimum share of a row's image attention on non-sink image tokens (None: from ``task``);
-    #: reference code: rho_code = 1 - rho
-    rho: float | None = field(default=None, metadata={"source": f"{_SOURCE}: image-centric heads",
-                                                      "reference_code": "1 - rho"})
+    #: minimum share of a row's image attention on non-sink image tokens, the visual non-sink ratio
+    #: (None: the paper preset's ``task`` value, the official preset's 0.5)
+    rho: float | None = field(default=None, metadata={
+        "source": f"{_SOURCE} Sec. 4 Eq. 3: image-centric when r >= rho",
+        "reference_code": "1 - rho",
+        "official": f"{OFFICIAL_RHO} (the reference's rho_code {OFFICIAL_RHO_CODE} bounds the visual sink share)"})
     #: minimum total attention of a row to image tokens for it to count as image-centric
     min_image_attention: float = field(default=0.2, metadata={"source": f"{_SOURCE}: image-centric heads"})
     #: phi threshold of a sink token
@@ -92,7 +126,9 @@ class VARConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
+        if self.preset not in PRESETS:
+            raise MethodError(f"var preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
+        if self.p is not None and not 0.0 <= self.p <= 1.0:
             raise MethodError(f"var p must be in [0, 1], not {self.p}")
         if self.task not in TASK_RHO:
             raise MethodError(f"var task must be one of {', '.join(TASK_RHO)}, not {self.task!r}")
@@ -109,9 +145,19 @@ class VARConfig:
         self.detection()  # validates the detection fields
 
     @property
+    def effective_p(self) -> float:
+        """p if given, else the preset's: the paper's 0.6, or the reference example config's 0.4."""
+        if self.p is not None:
+            return float(self.p)
+        return OFFICIAL_P if self.preset == "official" else PAPER_P
+
+    @property
     def effective_rho(self) -> float:
-        """rho if given, else the ``task`` preset."""
-        return self.rho if self.rho is not None else TASK_RHO[self.task]
+        """rho if given, else the preset's: the paper's value for ``task``, or the reference example
+        config's 0.5."""
+        if self.rho is not None:
+            return float(self.rho)
+        return OFFICIAL_RHO if self.preset == "official" else TASK_RHO[self.task]
 
     def detection(self) -> DetectionConfig:
         return DetectionConfig(min_abs=self.detect_min_abs, median_ratio=self.detect_median_ratio,
@@ -168,7 +214,7 @@ class VARRun:
         self.config = config
         self.dims = dims
         self.layers = layers
-        self.rho = config.effective_rho
+        self.p, self.rho = config.effective_p, config.effective_rho
         ids = batch.input_ids  # [B, L0]
         self.batch_size, self.prompt_length = int(ids.shape[0]), int(ids.shape[1])
         mask = batch.inputs.get("attention_mask")
@@ -287,7 +333,7 @@ class VARRun:
         eligible = (position[None, :] > last[:, None]) & has_visual_sink[:, None]  # [B, R]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         probs = row_probabilities(query, key, attention_mask, scale, slice(start, None))  # [B, H, R, Lk] fp32
-        new, qualifies = redistribute(probs, sinks[:, None, None, :], image[:, None, None, :], p=self.config.p,
+        new, qualifies = redistribute(probs, sinks[:, None, None, :], image[:, None, None, :], p=self.p,
                                       rho=self.rho, min_image_attention=self.config.min_image_attention)
         changed = qualifies & eligible[:, None, :]  # [B, H, R]
         self._changed[layer] = self._changed.get(layer, 0) + changed.sum()

@@ -7,8 +7,11 @@ attends to the same positions and hallucinates more when it does. DAMRO builds a
 that sees **only** those outlier tokens and contrasts it away:
 
 1. Outlier selection (Sec. 3.3, Eq. 3-4): ``A_cls = softmax(Q_cls K^T / sqrt(d))`` over the
-   vision tokens at the layer whose input the projector's features are, computed here from that
-   layer's self-attention *input* (a forward pre-hook on the attention module during the main
+   vision tokens at the layer whose output the projector consumes (the paper's "penultimate
+   layer" for LLaVA-1.5: ``layers[22]`` of CLIP ViT-L's 24; the adapter fact
+   :attr:`~innersight.adapters.base.Adapter.projector_vision_layer`, see
+   :func:`default_vision_layer`), computed here from that layer's self-attention *input* (the
+   queries and keys it projects; a forward pre-hook on the attention module during the main
    prefill: one ``[CLS]`` query row, the vision tower keeps its own attention implementation;
    nothing is encoded twice). The top-``k`` patches, in descending score order, are the outliers.
    Two reductions over heads (:attr:`DAMROConfig.head_reduction`):
@@ -116,10 +119,13 @@ class DAMROConfig:
     #: "sum_logits" (one head over the full q/k; LLaVA reference) or "mean_heads" (per-head
     #: softmax averaged; InstructBLIP reference); None: the family's reference (Qwen: mean_heads)
     head_reduction: str | None = field(default=None, metadata={"source": CODE})
-    #: index of the vision encoder layer whose self-attention is read; None: LLaVA the layer whose
-    #: input the projector consumes (layers[23] of CLIP-L for vision_feature_layer=-2), InstructBLIP
-    #: layers[-2] (reference code), Qwen the last full-attention block
-    vision_layer: int | None = field(default=None, metadata={"source": CODE})
+    #: index of the vision encoder layer whose self-attention is read; None: the layer whose output
+    #: the projector consumes (adapter.projector_vision_layer; LLaVA-1.5's vision_feature_layer=-2
+    #: on CLIP ViT-L is layers[22] of 24), InstructBLIP one below it (layers[-2], reference code),
+    #: Qwen the last full-attention block (see default_vision_layer)
+    vision_layer: int | None = field(default=None, metadata={
+        "source": SOURCE + " Sec. 3.3 (penultimate layer, the one the projector reads); " + CODE
+                  + " llava-hf path: encoder.layers[vision_feature_layer]"})
     #: "default" (generate's processors and warpers as usual) or "official" (pure sampling at
     #: temperature 1, no processors or warpers, seeded; the reference evaluation)
     preset: str = field(default="default", metadata={"source": CODE + " sample_method/sample.py"})
@@ -218,16 +224,8 @@ def top_outliers(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- vision-tower access
 def vision_encoder_layers(adapter: Any) -> Any:
-    """The vision encoder's layer list (CLIP: ``vision_model.encoder.layers``; BLIP:
-    ``encoder.layers``; Qwen: ``blocks``)."""
-    tower = adapter.vision_tower
-    if hasattr(tower, "blocks"):
-        return tower.blocks
-    model = getattr(tower, "vision_model", tower)
-    encoder = getattr(model, "encoder", None)
-    if encoder is None or not hasattr(encoder, "layers"):
-        raise MethodError(f"{adapter.family}: cannot find the vision encoder's layers")
-    return encoder.layers
+    """The vision encoder's layer list (the adapter's :attr:`~innersight.adapters.base.Adapter.vision_layers`)."""
+    return adapter.vision_layers
 
 
 def attention_module(layer: Any) -> Any:
@@ -241,17 +239,28 @@ def attention_module(layer: Any) -> Any:
 
 
 def default_vision_layer(adapter: Any) -> int:
-    """The layer whose self-attention DAMRO reads by default (see :attr:`DAMROConfig.vision_layer`)."""
-    layers = len(vision_encoder_layers(adapter))
+    """The vision layer whose self-attention DAMRO reads by default (:attr:`DAMROConfig.vision_layer`).
+
+    The paper (Sec. 3.3) scores the outliers at the layer whose output the projector consumes,
+    an adapter fact (:attr:`~innersight.adapters.base.Adapter.projector_vision_layer`):
+
+    - LLaVA-1.5 / LLaVA-NeXT: that layer itself (``vision_feature_layer = -2`` on CLIP ViT-L:
+      ``layers[22]`` of 24, whose output is ``hidden_states[-2]``; the reference's llava-hf path
+      hooks ``encoder.layers[vision_feature_layer]``, the same layer);
+    - InstructBLIP: one below it, ``layers[-2]`` (the Q-Former reads the last layer; the reference
+      code and the paper's "penultimate layer" read ``encoder.layers[-2]``);
+    - Qwen2-VL / Qwen2.5-VL (extension): the last full-attention block at or below it (the merger
+      reads the last block; windowed blocks do not see the whole image).
+    """
+    top = int(adapter.projector_vision_layer)
     family = adapter.family
     if family == "instructblip":
-        return max(0, layers - 2)  # reference: vision_model.encoder.layers[-2]
+        return max(0, top - 1)
     if family.startswith("qwen"):
         full = getattr(adapter.config.vision_config, "fullatt_block_indexes", None)
-        return int(max(full)) if full else layers - 1
-    # LLaVA: hidden_states[j] is the input of layers[j]; the projector consumes hidden_states[vfl]
-    index = int(adapter.vision_feature_layer) % (layers + 1)
-    return min(index, layers - 1)
+        eligible = [int(i) for i in full or () if int(i) <= top]
+        return max(eligible) if eligible else top
+    return top
 
 
 def vision_qk(module: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

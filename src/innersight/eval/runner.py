@@ -325,6 +325,18 @@ def run_name(benchmark: str, split: str, model: str, methods: Iterable[str]) -> 
 # ---------------------------------------------------------------------- prediction
 
 
+def generation_defaults(preset: Preset, plan: Any, benchmark: str) -> dict[str, Any]:
+    """The generation settings of a run before the caller's own: the preset's answer length, then
+    what a method asks for on this benchmark (``method.benchmark_generation(name)``; e.g. ViCrop's
+    20 new tokens on the benchmarks of its paper's tables)."""
+    gen: dict[str, Any] = {"max_new_tokens": preset.max_new_tokens}
+    for method in plan.objects:
+        hook = getattr(method, "benchmark_generation", None)
+        if hook is not None:
+            gen.update(hook(benchmark))
+    return gen
+
+
 def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Sequence[str],
                   template: str = "chat") -> tuple[list[float], str]:
     """V*'s likelihood protocol: the mean token loss of each option as the assistant's answer.
@@ -521,8 +533,9 @@ def evaluate(
         limit: evaluate only the first ``limit`` samples (in the benchmark's order).
         batch_size: samples per generation batch.
         seed: seeds torch, numpy and random in every process.
-        generation: generation settings (``max_new_tokens``...); the preset's
-            ``max_new_tokens`` applies unless given.
+        generation: generation settings (``max_new_tokens``...); unless given, the preset's
+            ``max_new_tokens`` applies, or a method's default for this benchmark
+            (:func:`generation_defaults`: ViCrop's 20 tokens on its paper's benchmarks).
         scorer_variant: the scorer variant (``canonical`` = the official definition).
         preset: the prompt preset (default: the benchmark's for this variant).
         template: ``chat`` (the model's own) or ``reference`` (the papers').
@@ -553,7 +566,8 @@ def evaluate(
         raise UserInputError("--limit must be at least 1")
     plan = resolve_methods(list(methods or []), {k: dict(v) for k, v in (settings or {}).items()})
     check_protocol(scorer, plan)
-    gen = {"max_new_tokens": chosen.max_new_tokens, **dict(generation or {})}
+    gen = generation_defaults(chosen, plan, bench.name)
+    gen.update(dict(generation or {}))  # the caller's settings win
     opts = {k: v for k, v in dict(options or {}).items() if v is not None}
     proc = process or process_info()
 

@@ -222,7 +222,8 @@ def vision_ranking(adapter: Any, reduction: str) -> str:
         return (f"no [CLS] in the Qwen ViT: DAMRO's substitute, mean attention received per patch at vision block "
                 f"{layer} ({reduction}), pooled per merged 2x2 token (an extension beyond the paper)")
     view = " (base view)" if adapter.family == "llava_next" else ""
-    return f"[CLS] attention over the patches{view} at vision layer {layer} ({reduction})"
+    where = "one below the layer the Q-Former reads" if adapter.family == "instructblip" else "the layer the projector reads"
+    return f"[CLS] attention over the patches{view} at vision layer {layer}, {where} ({reduction})"
 
 
 def decoder_tokens(adapter: Any) -> str:

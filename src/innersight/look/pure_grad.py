@@ -2,9 +2,9 @@
 
 G = per-pixel L2 norm over channels of dv/dpixel_values, for the question and the generic
 prompt; the map is G(q) / G(q'), masked by a high-pass edge mask of the image at model
-resolution (image minus a Gaussian blur with kernel 3 and sigma 0.8, channel L2 norm, median
-filter of size 7, keep pixels above the spatial median), then mean-pooled over patch blocks
-down to the token grid.
+resolution (image minus a Gaussian blur with kernel 3 and sigma 0.8, edges padded as the
+reference pads them, channel L2 norm, median filter of size 7, keep pixels above the spatial
+median), then mean-pooled over patch blocks down to the token grid.
 """
 
 from __future__ import annotations
@@ -17,16 +17,34 @@ import torch
 from ..errors import MethodError
 from .maps import answer_confidence
 
+#: ViCrop's high-pass filter: Gaussian blur kernel 3 (sigma 0.8, torchvision's default for that
+#: kernel: 0.3 * ((3 - 1) / 2 - 1) + 0.8), median filter size 7 (reference ``high_pass_filter``)
+BLUR_SIGMA = 0.8
+MEDIAN_SIZE = 7
+
+
+def blur(pixels: np.ndarray) -> np.ndarray:
+    """The reference's low-pass image: a 3x3 Gaussian blur (sigma 0.8) of each channel of a
+    [3, H, W] array.
+
+    Edges are padded like the reference (torchvision ``gaussian_blur``, torch ``reflect`` padding:
+    ``d c b | a b c d | c b a``, the edge pixel not repeated), which is scipy's ``mirror`` mode,
+    not scipy's ``reflect`` (``c b a | a b c d``).
+    """
+    from scipy import ndimage
+
+    # kernel size 3 = radius 1 = truncate * sigma
+    return np.stack([ndimage.gaussian_filter(c, sigma=BLUR_SIGMA, truncate=1.0 / BLUR_SIGMA, mode="mirror")
+                     for c in pixels])
+
 
 def edge_mask(pixels: np.ndarray) -> np.ndarray:
     """Binary high-pass mask of a [3, H, W] image: True where edges are above the median."""
     from scipy import ndimage
 
-    sigma = 0.8
-    # kernel size 3 = radius 1 = truncate * sigma
-    blurred = np.stack([ndimage.gaussian_filter(c, sigma=sigma, truncate=1.0 / sigma, mode="reflect") for c in pixels])
-    high = np.sqrt(((pixels - blurred) ** 2).sum(axis=0))  # [H, W]
-    smooth = ndimage.median_filter(high, size=7, mode="reflect")
+    high = np.sqrt(((pixels - blur(pixels)) ** 2).sum(axis=0))  # [H, W]
+    # the reference's scipy.ndimage.median_filter with its default mode ("reflect")
+    smooth = ndimage.median_filter(high, size=MEDIAN_SIZE, mode="reflect")
     return smooth > np.median(smooth)
 
 
@@ -39,11 +57,13 @@ def pool_to_grid(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def pure_grad_maps(mllm: Any, images: list[Any], questions: list[str], config: Any,
-                   template: str = "chat") -> list[tuple[np.ndarray, Any, dict[str, np.ndarray]]]:
-    """(map [rows, cols], view, raw maps) per sample; question and generic prompt in one batch."""
+                   template: str = "chat", generic: list[str] | None = None) -> list[tuple[np.ndarray, Any, dict[str, np.ndarray]]]:
+    """(map [rows, cols], view, raw maps) per sample; question and generic prompt in one batch
+    (``generic``: one generic prompt per question; None: ``config.generic_instruction``)."""
     adapter = mllm.adapter
     n = len(questions)
-    batch = mllm.prepare(list(images) * 2, list(questions) + [config.generic_instruction] * n, template=template)
+    generic = [config.generic_instruction] * n if generic is None else list(generic)
+    batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
     pixel_values = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
     inputs = {**batch.inputs, "pixel_values": pixel_values}
     with torch.enable_grad():

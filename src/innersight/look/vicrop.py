@@ -26,10 +26,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import MethodError
+from ..prompts import split_answer_format, with_answer_format
 from .tiling import TileGrid
 
 VARIANTS = ("rel-att", "grad-att", "pure-grad")
 GENERIC_INSTRUCTION = "Write a general description of the image."
+MAP_QUESTIONS = ("short", "full")
+#: the benchmarks of the paper's tables, all evaluated with 20 new tokens (reference ``run.py``)
+PAPER_BENCHMARKS = ("textvqa", "vstar", "pope", "docvqa", "aokvqa", "gqa", "vqav2")
+_CODE = "arXiv 2502.17422 reference code (run.py, utils.process_data)"
 
 #: reference layer as a fraction of decoder depth: LLaVA-1.5 layer 14 of 32 (0-based), the
 #: reference code's choice; Qwen2.5-VL 22 of 36; InstructBLIP's LM layer 15 of 32.
@@ -47,6 +52,18 @@ class ViCropConfig:
     base_size: int | None = field(default=None, metadata={"source": "reference code"})
     ratios: tuple[float, ...] = field(default=(1.0, 1.2, 1.4, 1.6, 1.8, 2.0), metadata={"source": "reference code"})
     generic_instruction: str = field(default=GENERIC_INSTRUCTION, metadata={"source": "arXiv 2502.17422 Sec. 3.2"})
+    #: give the generic prompt the answer-format instruction that ends the question ("Answer the
+    #: question using a single word or phrase."), joined the same way: q' in the same template as q
+    generic_answer_format: bool = field(default=True, metadata={
+        "source": _CODE + ": general_prompt = '<general question> Answer the question using a single word or phrase.'"})
+    #: which question the maps read: "short", the question's first line with its answer-format
+    #: instruction (V*: the question without its option lines, as the reference's short_question),
+    #: or "full", the question as asked; the answer is always generated for the full question
+    map_question: str = field(default="short", metadata={
+        "source": _CODE + ": V* short_question = text.split('\\n')[0]; maps read short_prompt"})
+    #: answer length of a benchmark run of the paper's tables (PAPER_BENCHMARKS) when the user
+    #: sets none (None: the benchmark preset's); the reference generates max_new_tokens=20
+    max_new_tokens: int | None = field(default=20, metadata={"source": _CODE + ": generate(max_new_tokens=20)"})
     #: added to the generic map before dividing (the reference divides by zero in bf16)
     epsilon: float = 1e-6
     #: reproduce the reference quirks: the map is stretched over the whole image even where the
@@ -75,6 +92,10 @@ class ViCropConfig:
             raise MethodError("vicrop tile_max_side must be a positive number of pixels (or None)")
         if isinstance(self.max_batch, bool) or self.max_batch < 1:
             raise MethodError("vicrop max_batch must be at least 1")
+        if self.map_question not in MAP_QUESTIONS:
+            raise MethodError(f"vicrop map_question must be one of {', '.join(MAP_QUESTIONS)}, not {self.map_question!r}")
+        if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1):
+            raise MethodError("vicrop max_new_tokens must be at least 1 (or None)")
 
     @property
     def rows_per_image(self) -> int:
@@ -93,6 +114,27 @@ class ViCropConfig:
         if self.base_size is not None:
             return self.base_size
         return int(getattr(adapter, "crop_base_size", 224))
+
+
+def map_prompt(question: str, config: ViCropConfig) -> str:
+    """The question the maps read (:attr:`ViCropConfig.map_question`): ``short`` keeps the first
+    line of the question proper and re-attaches its answer-format instruction; ``full`` the
+    question as asked."""
+    if config.map_question == "full":
+        return question
+    core, separator, instruction = split_answer_format(question)
+    first = core.strip().split("\n", 1)[0].strip() or core
+    return with_answer_format(first, separator, instruction)
+
+
+def generic_prompt(question: str, config: ViCropConfig) -> str:
+    """The generic prompt q' paired with ``question``: the generic instruction followed by the
+    question's answer-format instruction, joined as in the question
+    (:attr:`ViCropConfig.generic_answer_format`)."""
+    if not config.generic_answer_format:
+        return config.generic_instruction
+    _, separator, instruction = split_answer_format(question)
+    return with_answer_format(config.generic_instruction, separator, instruction)
 
 
 @dataclass
@@ -120,9 +162,11 @@ def single_image_maps(mllm: Any, images: list[Any], questions: list[str], config
     layer = config.resolve_layer(adapter)
     eps = 0.0 if config.official else config.epsilon
     n = len(questions)
+    generic = [generic_prompt(q, config) for q in questions]
+    questions = [map_prompt(q, config) for q in questions]
     if config.variant == "rel-att":
         # the question and the generic prompt run as one batch
-        batch = mllm.prepare(list(images) * 2, list(questions) + [config.generic_instruction] * n, template=template)
+        batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
         pairs = M.attention_maps(mllm, batch, layer, qformer_block=config.qformer_block)
         out = []
         for i in range(n):
@@ -135,7 +179,7 @@ def single_image_maps(mllm: Any, images: list[Any], questions: list[str], config
                 for m, view in M.grad_attention_maps(mllm, batch, layer, qformer_block=config.qformer_block)]
     from .pure_grad import pure_grad_maps
 
-    return pure_grad_maps(mllm, images, questions, config, template=template)
+    return pure_grad_maps(mllm, images, questions, config, template=template, generic=generic)
 
 
 def tile_grid_for(image: Any, config: ViCropConfig) -> TileGrid | None:
@@ -212,6 +256,13 @@ class ViCrop:
 
     def __init__(self, config: ViCropConfig | None = None):
         self.config = config or ViCropConfig()
+
+    def benchmark_generation(self, benchmark: str) -> dict[str, Any]:
+        """Generation defaults for a benchmark run (the user's settings override them): the
+        reference's 20 new tokens on the benchmarks of the paper's tables."""
+        if self.config.max_new_tokens is None or benchmark not in PAPER_BENCHMARKS:
+            return {}
+        return {"max_new_tokens": int(self.config.max_new_tokens)}
 
     def apply(self, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str) -> tuple[list[list[Any]], list[dict[str, Any]]]:
         if any(len(ims) != 1 for ims in image_lists):

@@ -30,12 +30,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...errors import UserInputError
+from ...prompts import SHORT_ANSWER as _SHORT_ANSWER
 from .hub import HubSource, is_hub_source, parse_hub_source
 
 Sample = dict[str, Any]
 
 #: LLaVA-1.5's short-answer instruction, appended after a newline by the VQA presets
-SHORT_ANSWER = "Answer the question using a single word or phrase."
+SHORT_ANSWER = _SHORT_ANSWER
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ...errors import UserInputError
+from ...prompts import LETTER_INSTRUCTION
 from .base import IMAGE_SUFFIXES, Benchmark, Preset, Sample, read_json, require_keys
 from .hub import (
     HubSource,
@@ -70,7 +71,6 @@ from .hub import (
 )
 
 CATEGORIES = ("direct_attributes", "relative_position")
-LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 #: the columns every hosted copy has
 HUB_COLUMNS = ("image", "text", "label", "category", "question_id")
 #: one option line of a hosted question: ``(B) red``
