@@ -54,7 +54,7 @@ def test_expected_keys() -> None:
         "textvqa/canonical", "vqav2/canonical", "aokvqa/canonical",
         "pope/canonical", "pope/substring", "pope/exact", "pope/first_word", "pope/vicrop",
         "docvqa/canonical", "docvqa/vicrop", "gqa/canonical", "gqa/vicrop", "mme/canonical",
-        "vstar/canonical", "vstar/letter", "vstar/vicrop", "chair/canonical",
+        "vstar/canonical", "vstar/letter", "vstar/vicrop", "chair/canonical", "chair/lemma", "chair/tidy",
         "micro-chair/canonical",
     }  # fmt: skip
     for key, scorer in SCORERS.items():

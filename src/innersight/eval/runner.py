@@ -368,6 +368,19 @@ def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Seq
     return losses, prompt
 
 
+def check_scorer_installed(scorer: Scorer) -> None:
+    """``UserInputError`` when the scorer variant needs a package that is not installed."""
+    missing = scorer.missing()
+    if missing:
+        extras = sorted({_EXTRAS.get(m, m) for m in missing})
+        raise UserInputError(f"scorer {scorer.key} needs {', '.join(missing)}: "
+                             f"pip install 'innersight[{','.join(extras)}]'")
+
+
+#: optional module -> the extra of pyproject.toml that installs it
+_EXTRAS = {"lemminflect": "lemma"}
+
+
 def check_protocol(scorer: Scorer, plan: Any) -> None:
     """``MethodError`` when the methods cannot run under the scorer's protocol: a likelihood
     scorer (one forward pass per option) with decoding methods (which act on generation)."""
@@ -546,6 +559,7 @@ def evaluate(
         scorer = get_scorer(bench.scorer, scorer_variant)
     except KeyError as exc:
         raise UserInputError(str(exc.args[0])) from None
+    check_scorer_installed(scorer)
     chosen: Preset = bench.preset(preset, scorer_variant)
     if batch_size < 1:
         raise UserInputError("--batch-size must be at least 1")
