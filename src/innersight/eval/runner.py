@@ -566,6 +566,9 @@ def evaluate(
     if limit is not None and limit < 1:
         raise UserInputError("--limit must be at least 1")
     plan = resolve_methods(list(methods or []), {k: dict(v) for k, v in (settings or {}).items()})
+    if chosen.method_settings:  # the preset's method settings (e.g. VCD's POPE beta), under the user's --set
+        settings = chosen.settings_for([s.key or s.name for s in plan.specs], settings)
+        plan = resolve_methods(list(methods or []), settings)
     check_protocol(scorer, plan)
     gen = {"max_new_tokens": chosen.max_new_tokens, **dict(generation or {})}
     opts = {k: v for k, v in dict(options or {}).items() if v is not None}
