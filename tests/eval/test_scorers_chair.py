@@ -220,4 +220,15 @@ def test_lemma_variant_names_its_requirement() -> None:
     scorer = get_scorer("chair", "lemma")
     assert scorer.requires == ("lemminflect",)
     assert scorer.missing() == ([] if chair.lemma_available() else ["lemminflect"])
-    assert get_scorer("chair").missing() == []
+    assert get_scorer("chair").missing() == [] and get_scorer("chair").install_hint() is None
+
+
+def test_instruments_refuse_a_scorer_whose_package_is_missing(monkeypatch) -> None:
+    from innersight.errors import UserInputError
+    from innersight.eval.scorers.base import Scorer
+    from innersight.instruments.common import choose_scorer
+
+    monkeypatch.setattr(Scorer, "missing", lambda self: list(self.requires))
+    with pytest.raises(UserInputError, match=r"pip install 'innersight\[lemma\]'"):
+        choose_scorer([{"id": "1", "gt_objects": ["dog"]}], "chair/lemma")
+    assert choose_scorer([{"id": "1", "gt_objects": ["dog"]}], "chair").variant == "canonical"

@@ -370,15 +370,9 @@ def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Seq
 
 def check_scorer_installed(scorer: Scorer) -> None:
     """``UserInputError`` when the scorer variant needs a package that is not installed."""
-    missing = scorer.missing()
-    if missing:
-        extras = sorted({_EXTRAS.get(m, m) for m in missing})
-        raise UserInputError(f"scorer {scorer.key} needs {', '.join(missing)}: "
-                             f"pip install 'innersight[{','.join(extras)}]'")
-
-
-#: optional module -> the extra of pyproject.toml that installs it
-_EXTRAS = {"lemminflect": "lemma"}
+    hint = scorer.install_hint()
+    if hint is not None:
+        raise UserInputError(hint)
 
 
 def check_protocol(scorer: Scorer, plan: Any) -> None:

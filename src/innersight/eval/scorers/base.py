@@ -73,6 +73,19 @@ class Scorer:
 
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
+    def install_hint(self) -> str | None:
+        """``None`` when everything :attr:`requires` is installed, else a one-line message saying
+        what to install."""
+        missing = self.missing()
+        if not missing:
+            return None
+        extras = sorted({EXTRAS.get(m, m) for m in missing})
+        return f"scorer {self.key} needs {', '.join(missing)}: pip install 'innersight[{','.join(extras)}]'"
+
+
+#: optional module -> the extra of pyproject.toml that installs it
+EXTRAS: dict[str, str] = {"lemminflect": "lemma"}
+
 
 def percent(numerator: float, denominator: float) -> float:
     """``100 * numerator / denominator``; ``0.0`` when the denominator is 0 (nothing to rate)."""
