@@ -243,6 +243,9 @@ def eval_(
         scorer = get_scorer(bench.scorer, scorer_variant)
     except KeyError as exc:
         _fail(str(exc.args[0]))
+    from .eval.runner import check_scorer_installed
+
+    check_scorer_installed(scorer)
     bench.preset(preset, scorer_variant)
     options = {k: v for k, v in (("image_ids", image_ids), ("images", images)) if v is not None}
     samples = bench.load(data, split, **options)  # validate the data before the (slow) model load

@@ -470,3 +470,60 @@ def test_list_names_the_benchmarks():
     assert by_name["pope"]["splits"][:3] == ["random", "popular", "adversarial"]
     assert by_name["pope"]["scorer_variants"][0] == "canonical"
     assert by_name["chair"]["options"]["image_ids"]
+
+
+# ---------------------------------------------------------------------- presets of the papers' protocols
+
+
+def test_damro_preset_and_damro_vcd_scorer(mllm, pope, tmp_path):
+    results = evaluate(mllm, "pope", pope, "random", [], None, tmp_path, 2, 2, 0, GEN, progress=False,
+                       scorer_variant="damro-vcd")
+    assert results["scorer"]["variant"] == "damro-vcd"
+    assert results["preset"]["name"] == "damro"  # the default preset of that variant
+    rows = rows_of(tmp_path)
+    assert rows[0]["question"] == "Is there a dog in the image? Please answer this question with one word."
+    for row in rows:  # VCD's rule, worked out independently: the label's own word anywhere
+        label = "yes" if int(row["id"]) % 2 == 1 else "no"
+        assert row["score"]["correct"] == (label in row["prediction"].lower().strip())
+
+
+def test_a_presets_method_settings_reach_the_run_under_the_users_set(mllm, pope, tmp_path):
+    from innersight.eval.benchmarks.base import Preset
+    from innersight.eval.benchmarks.pope import POPE
+
+    class Tuned(POPE):
+        presets = {**POPE.presets, "tuned": Preset("tuned", "deco alpha 0.4", max_new_tokens=4,
+                                                   method_settings={"deco": {"alpha": "0.4"}, "vcd": {"beta": "0.2"}})}
+
+    bench = Tuned()
+    first = evaluate(mllm, bench, pope, "random", ["deco"], None, tmp_path / "a", 2, 2, 0, GEN, progress=False,
+                     preset="tuned")
+    assert first["method_configs"]["deco"]["alpha"] == 0.4
+    assert first["settings"] == {"deco": {"alpha": "0.4"}}  # vcd is not in the run: not applied
+    second = evaluate(mllm, bench, pope, "random", ["deco"], {"deco": {"alpha": "0.7"}}, tmp_path / "b", 2, 2, 0,
+                      GEN, progress=False, preset="tuned")
+    assert second["method_configs"]["deco"]["alpha"] == 0.7  # the user's --set wins
+    plain = evaluate(mllm, bench, pope, "random", ["deco"], None, tmp_path / "c", 2, 2, 0, GEN, progress=False)
+    assert plain["method_configs"]["deco"]["alpha"] != 0.4  # the default preset sets nothing
+
+
+def test_vcd_pope_preset_sets_beta_02():
+    from innersight.eval.benchmarks import get_benchmark
+    from innersight.methods import resolve_methods
+
+    preset = get_benchmark("pope").preset("vcd")
+    assert preset.suffix == " Please answer this question with one word."
+    merged = preset.settings_for(["vcd"], None)
+    assert merged == {"vcd": {"beta": "0.2"}}
+    assert resolve_methods(["vcd"], merged).configs()["vcd"]["beta"] == 0.2
+    assert resolve_methods(["vcd"], preset.settings_for(["vcd"], {"vcd": {"beta": "0.3"}})).configs()["vcd"]["beta"] == 0.3
+    assert preset.settings_for(["deco"], {"deco": {"alpha": "1"}}) == {"deco": {"alpha": "1"}}
+
+
+def test_a_missing_optional_scorer_package_is_one_line(capsys, pope, tmp_path, monkeypatch):
+    from innersight.eval.scorers.base import Scorer
+
+    monkeypatch.setattr(Scorer, "missing", lambda self: ["lemminflect"] if self.variant == "lemma" else [])
+    err = _cli_fail(["eval", "--model", "unused", "-o", str(tmp_path), "--benchmark", "chair", "--data", str(pope),
+                     "--scorer-variant", "lemma"], capsys)
+    assert "pip install 'innersight[lemma]'" in err

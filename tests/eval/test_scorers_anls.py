@@ -60,3 +60,29 @@ def test_score_one_and_aggregate() -> None:
     assert anls.aggregate(rows) == {"anls": pytest.approx(87.5), "n": 2}
     vrows = [anls.score_one_vicrop(p, {"answers": ["abc"]}) for p in ("ab", "x", "")]
     assert anls.aggregate_vicrop(vrows) == {"accuracy": pytest.approx(200 / 3), "n": 3}
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("x1", ["xy"], 0.5),  # distance 1 / length 2: similarity exactly 0.5 is kept (canonical: 0)
+        (" X1 ", ["xy"], 0.75),  # distance of "x1"/"xy" = 1, divided by the raw length 4
+        ("abc", ["ABC  "], 1.0),  # normalised strings equal: distance 0
+        ("abcd", ["wxyz"], 0.0),  # similarity 0 < 0.5
+        ("ab", ["abcde"], 0.0),  # 1 - 3/5 = 0.4 < 0.5
+        ("abc", ["abcde", "zzz"], pytest.approx(0.6)),  # best answer: 1 - 2/5
+        ("", [""], 1.0),  # both empty: distance 0
+        ("Straße", ["strasse"], pytest.approx(1 - 2 / 7)),  # len("STRASSE") = 7 via upper()
+    ],
+)
+def test_official_docvqa(prediction: str, answers: list[str], expected: float) -> None:
+    assert anls.anls_official_docvqa(prediction, answers) == expected
+
+
+def test_official_docvqa_variant_registered_and_differs_from_canonical() -> None:
+    from innersight.eval.scorers import get_scorer
+
+    official = get_scorer("docvqa", "official-docvqa")
+    assert official.score_one("x1", {"answers": ["xy"]})["anls"] == 0.5
+    assert get_scorer("docvqa").score_one("x1", {"answers": ["xy"]})["anls"] == 0.0
+    assert official.aggregate([official.score_one("x1", {"answers": ["xy"]})]) == {"anls": 50.0, "n": 1}

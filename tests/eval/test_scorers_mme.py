@@ -91,3 +91,21 @@ def test_question_id_groups_and_unknown_subtask() -> None:
     assert (m["color/acc"], m["color/acc_plus"]) == (50.0, 0.0)
     with pytest.raises(ValueError):
         mme.score_one("Yes", {"category": "weather", "image_id": "x", "answer": "yes"})
+
+
+@pytest.mark.parametrize(
+    ("text", "official", "lmms_eval"),
+    [
+        ("  yes", "other", "yes"),  # MME's script does not strip: "  ye" holds no "yes"
+        ("...no", "other", "no"),  # nor delete periods: "...n" holds no "no"
+        ("yes.", "yes", "yes"),  # prefix "yes." holds "yes"
+        ("No", "no", "no"),
+        (" no", "no", "no"),  # " no" (3 characters) holds "no"
+        ("\nyes", "yes", "yes"),  # "\nyes"[:4] holds "yes"
+        ("  No, it is not", "no", "no"),  # prefix "  no" holds "no"
+        ("   No", "other", "no"),  # prefix "   n" does not
+    ],
+)
+def test_official_parse_and_lmms_eval_variant(text: str, official: str, lmms_eval: str) -> None:
+    assert mme.parse_yes_no(text) == official
+    assert mme.parse_yes_no_lmms_eval(text) == lmms_eval

@@ -109,3 +109,33 @@ def test_labels() -> None:
         score("No", {"label": "maybe"})
     with pytest.raises(KeyError):
         score("No", {})
+
+
+@pytest.mark.parametrize(
+    ("label", "answer", "parsed", "correct"),
+    [
+        ("yes", "Yes, there is a dog.", "yes", True),
+        ("yes", "YES", "yes", True),  # lower-cased first
+        ("yes", "No, there is not.", "no", False),
+        ("yes", "eyes", "yes", True),  # 'yes' inside another word
+        ("no", "No.", "no", True),
+        ("no", "I don't know", "no", True),  # 'no' inside 'know' (canonical: yes)
+        ("no", "Yes, there is one, no doubt.", "no", True),  # 'no' anywhere
+        ("no", "There is a snowboard.", "no", True),  # 'no' inside 'snowboard'
+        ("no", "Yes.", "yes", False),
+        ("no", "", "yes", False),
+    ],
+)
+def test_damro_vcd(label: str, answer: str, parsed: str, correct: bool) -> None:
+    row = get_scorer("pope", "damro-vcd").score_one(answer, {"label": label})
+    assert (row["parsed"], row["correct"]) == (parsed, correct)
+
+
+def test_damro_vcd_metrics_count_like_vcds_script() -> None:
+    scorer = get_scorer("pope", "damro-vcd")
+    rows = [scorer.score_one(a, {"label": lab}) for lab, a in
+            [("yes", "yes"), ("yes", "no"), ("no", "I don't know"), ("no", "yes")]]
+    m = scorer.aggregate(rows)
+    # tp=1 (yes/yes), fn=1, tn=1 (know), fp=1 -> yes answers = tp + fp = 2
+    assert (m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]) == (50.0, 50.0, 50.0, 50.0)
+    assert get_scorer("pope").score_one("I don't know", {"label": "no"})["correct"] is False

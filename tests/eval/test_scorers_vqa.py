@@ -100,3 +100,30 @@ def test_score_one_and_aggregate() -> None:
         vqa.aggregate([])
     with pytest.raises(TypeError):
         vqa.score_one("x", {"answers": "x"})
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("Yes", ["yes"] * 10, 0.0),  # all answers identical: raw comparison, case matters
+        ("yes.", ["yes"] * 10, 0.0),  # ... and punctuation matters
+        (" yes\n", ["yes"] * 10, 1.0),  # whitespace is still cleaned
+        ("Yes", ["yes"] * 9 + ["Yes"], 1.0),  # answers differ: everything normalised
+        ("Two", ["2"] * 3 + ["two"] * 2 + ["3"] * 5, 1.0),  # normalised: 5 matches
+        ("Two", ["two"] * 10, 0.0),  # identical answers: "Two" != "two"
+        ("2", ["two"] * 10, 0.0),  # canonical would map "two" -> "2" and score 1
+        ("dog", ["dog"] * 2 + ["cat"] * 8, pytest.approx(0.6)),  # soft accuracy as usual
+    ],
+)
+def test_official_vqaeval(prediction: str, answers: list[str], expected: float) -> None:
+    row = vqa.score_one_official(prediction, {"answers": answers})
+    assert row["accuracy"] == expected
+
+
+def test_official_vqaeval_registered_for_textvqa_and_vqav2() -> None:
+    from innersight.eval.scorers import get_scorer
+
+    for name in ("textvqa", "vqav2"):
+        scorer = get_scorer(name, "official-vqaeval")
+        assert scorer.score_one("Yes", {"answers": ["yes"] * 10})["accuracy"] == 0.0
+        assert get_scorer(name).score_one("Yes", {"answers": ["yes"] * 10})["accuracy"] == 1.0

@@ -380,6 +380,13 @@ def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Seq
     return losses, prompt
 
 
+def check_scorer_installed(scorer: Scorer) -> None:
+    """``UserInputError`` when the scorer variant needs a package that is not installed."""
+    hint = scorer.install_hint()
+    if hint is not None:
+        raise UserInputError(hint)
+
+
 def check_protocol(scorer: Scorer, plan: Any) -> None:
     """``MethodError`` when the methods cannot run under the scorer's protocol: a likelihood
     scorer (one forward pass per option) with decoding methods (which act on generation)."""
@@ -559,12 +566,16 @@ def evaluate(
         scorer = get_scorer(bench.scorer, scorer_variant)
     except KeyError as exc:
         raise UserInputError(str(exc.args[0])) from None
+    check_scorer_installed(scorer)
     chosen: Preset = bench.preset(preset, scorer_variant)
     if batch_size < 1:
         raise UserInputError("--batch-size must be at least 1")
     if limit is not None and limit < 1:
         raise UserInputError("--limit must be at least 1")
     plan = resolve_methods(list(methods or []), {k: dict(v) for k, v in (settings or {}).items()})
+    if chosen.method_settings:  # the preset's method settings (e.g. VCD's POPE beta), under the user's --set
+        settings = chosen.settings_for([s.key or s.name for s in plan.specs], settings)
+        plan = resolve_methods(list(methods or []), settings)
     check_protocol(scorer, plan)
     gen = generation_defaults(chosen, plan, bench.name)
     gen.update(dict(generation or {}))  # the caller's settings win

@@ -185,6 +185,9 @@ def choose_scorer(samples: Sequence[Sample], name: str = "auto") -> Any:
         if key not in SCORERS:
             raise UserInputError(f"unknown scorer {name!r}; use auto or one of: {', '.join(sorted(SCORERS))}")
         scorer = SCORERS[key]
+        hint = scorer.install_hint()
+        if hint is not None:
+            raise UserInputError(hint)
         if scorer.prediction != "text":
             raise UserInputError(f"scorer {key} scores option likelihoods, not generated answers; "
                                  f"choose a variant that reads text (e.g. vstar/letter)")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -51,6 +51,9 @@ class Preset:
         suffix: appended to the question (include the separating newline).
         prompt: when set, replaces the question entirely (captioning benchmarks).
         max_new_tokens: the answer length this protocol uses unless the user overrides it.
+        method_settings: config overrides this protocol uses for a method, ``{method key: {field:
+            value text}}`` (as ``--set method.field=value``); applied only to methods in the run,
+            and a ``--set`` of the same field wins (e.g. VCD's POPE scripts use ``beta = 0.2``).
     """
 
     name: str
@@ -58,10 +61,22 @@ class Preset:
     suffix: str = ""
     prompt: str | None = None
     max_new_tokens: int = 32
+    method_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict, hash=False)
+
+    def settings_for(self, methods: Iterable[str], settings: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> dict[str, dict[str, Any]]:
+        """``settings`` (the user's overrides) with this preset's :attr:`method_settings` filled in
+        for the method keys in ``methods``; the user's values win field by field."""
+        merged = {k: dict(v) for k, v in (settings or {}).items()}
+        for key in methods:
+            for name, value in self.method_settings.get(key, {}).items():
+                merged.setdefault(key, {}).setdefault(name, value)
+        return merged
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "suffix": self.suffix,
-                "prompt": self.prompt, "max_new_tokens": self.max_new_tokens}
+                "prompt": self.prompt, "max_new_tokens": self.max_new_tokens,
+                "method_settings": {k: dict(v) for k, v in self.method_settings.items()}}
 
 
 class Benchmark(ABC):

@@ -19,7 +19,9 @@ file's header names its source).
 
 Ground truth per image (``gt_objects``): its instance categories united with the COCO objects
 its reference captions mention, through the synonym table
-(:func:`innersight.eval.scorers.chair.ground_truth_objects`).
+(:func:`innersight.eval.scorers.chair.ground_truth_objects`). The samples also carry the raw
+``coco_categories`` and ``reference_captions``, so that every scorer variant maps them with its
+own caption processing, as the official script does.
 
 Presets: ``default`` -- "Please describe this image in detail.", 512 new tokens (DeCo);
 ``damro`` -- "Generate a short caption of this image." (DAMRO, on POPE-random images: give
@@ -184,13 +186,16 @@ class CHAIR(Benchmark):
         samples = []
         for image_id in ids:
             subset = next(s for s in subsets if image_id in s.files)
-            gt = ground_truth_objects(subset.categories.get(image_id, []), subset.captions.get(image_id, []),
-                                      vocabulary)
+            categories = sorted(set(subset.categories.get(image_id, [])))
+            captions = subset.captions.get(image_id, [])
+            gt = ground_truth_objects(categories, captions, vocabulary)
             samples.append({
                 "id": str(image_id),
                 "image": str(subset.image_path(image_id)),
                 "question": question,
                 "gt_objects": gt,
+                "coco_categories": categories,
+                "reference_captions": list(captions),
                 "image_id": image_id,
                 "coco_subset": subset.subset,
             })

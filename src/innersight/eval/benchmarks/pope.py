@@ -19,7 +19,13 @@ split ``test``, 9000 rows with columns ``question_id``, ``question``, ``answer``
 benchmark is the rows of its category. It holds the COCO questions only.
 
 Presets: ``default`` -- the question and LLaVA-1.5's short-answer instruction; ``plain`` -- the
-question as written.
+question as written; ``damro`` -- DAMRO's POPE prompt, the question + `` Please answer this
+question with one word.`` (joined with a space); ``vcd`` -- the same prompt (VCD's POPE script
+appends the same sentence) and VCD's POPE setting ``vcd.beta = 0.2`` (its scripts run
+``--cd_alpha 1 --cd_beta 0.2``; the paper's Sec. 4.1 default is 0.1), applied when ``--method vcd``
+is in the run. Both answer in up to 64 new tokens (the reference scripts set no short limit; the
+answer stops at the end-of-sequence token). With ``--scorer-variant damro-vcd`` the default
+preset is ``damro``.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from typing import Any, ClassVar
 from ...errors import UserInputError
 from .base import SHORT_ANSWER, Benchmark, Preset, Sample, image_folder, read_json_or_jsonl, require_keys
 from .hub import HubSource, hub_images, int_if_digits, load_split, require_columns, text_rows
+
+#: DAMRO's (and VCD's) POPE answer instruction, appended after a space
+ONE_WORD = "Please answer this question with one word."
 
 KINDS = ("random", "popular", "adversarial")
 SOURCES = ("coco", "aokvqa", "gqa")
@@ -56,6 +65,10 @@ class POPE(Benchmark):
         "default": Preset("default", "question + short-answer instruction (LLaVA-1.5)",
                           suffix="\n" + SHORT_ANSWER, max_new_tokens=8),
         "plain": Preset("plain", "the question as written", max_new_tokens=16),
+        "damro": Preset("damro", "question + ' Please answer this question with one word.' (DAMRO)",
+                        suffix=" " + ONE_WORD, max_new_tokens=64),
+        "vcd": Preset("vcd", "question + ' Please answer this question with one word.', vcd.beta = 0.2 (VCD's POPE "
+                      "scripts)", suffix=" " + ONE_WORD, max_new_tokens=64, method_settings={"vcd": {"beta": "0.2"}}),
     }
     main_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "f1")
     options: ClassVar[dict[str, str]] = {"images": "folder of the images (default: val2014/ or images/)"}
@@ -64,6 +77,10 @@ class POPE(Benchmark):
         "coco_pope_<random|popular|adversarial>.json (JSON lines {question_id, image, text, label}) "
         "and the images in val2014/ or images/"
     )
+
+    def default_preset(self, variant: str = "canonical") -> str:
+        """``damro`` with the ``damro-vcd`` scorer (the protocol of DAMRO's table), else ``default``."""
+        return "damro" if variant == "damro-vcd" else self.default_preset_name
 
     def _load(self, root: Path | None, split: str, **options: Any) -> list[Sample]:
         assert root is not None

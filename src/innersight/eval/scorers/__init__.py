@@ -4,15 +4,18 @@
 ``"<benchmark>/canonical"`` is always the official definition; other variants reproduce the
 non-standard protocols used by method papers (named after the paper or the parsing rule):
 
-========  =====================================================================
-textvqa   canonical (VQA soft accuracy); vqav2, aokvqa the same
-pope      canonical, substring, exact, first_word, vicrop
-docvqa    canonical (ANLS), vicrop (substring containment)
-gqa       canonical (exact match), vicrop (label substring of prediction)
-mme       canonical (acc + acc+, perception / cognition sums)
-vstar     canonical (option likelihood), letter, vicrop (difflib)
-chair     canonical (CHAIR_i, CHAIR_s, recall, average length)
-========  =====================================================================
+==========  ===================================================================
+textvqa     canonical (VQA soft accuracy), official-vqaeval; vqav2 the same
+aokvqa      canonical (VQA soft accuracy, direct answers)
+pope        canonical, substring, exact, first_word, vicrop, damro-vcd
+docvqa      canonical (ANLS), official-docvqa, vicrop (substring containment)
+gqa         canonical (exact match), vicrop (label substring of prediction)
+mme         canonical (MME's own parse; acc + acc+, perception / cognition), lmms-eval
+vstar       canonical (option likelihood), letter, vicrop (difflib)
+chair       canonical (official script and table), lemma, tidy
+==========  ===================================================================
+
+Which paper's table each variant reproduces: ``docs/scorers.md``.
 
 >>> scorer = get_scorer("pope")
 >>> row = scorer.score_one("No, there is not.", {"label": "no"})

@@ -6,6 +6,14 @@ max(len(g), len(p))`` (0 when both are empty); the answer's similarity is ``1 - 
 ``NL < 0.5`` and 0 otherwise (a distance of exactly 0.5 scores 0); the question scores the max
 over its answers; the benchmark score is the mean over questions (reported x100).
 
+Official-script variant (``official-docvqa``), the DocVQA evaluation script of the RRC site:
+the edit distance is taken between the normalised strings, but divided by the longer of the
+**raw** strings (``len(s.upper())`` of the answer and the prediction as given, before trimming
+and collapsing spaces), and the threshold is applied to the similarity ``1 - min NL``: a
+question scoring below 0.5 gets 0, one scoring exactly 0.5 keeps it. So ``"x1"`` vs ``"xy"``
+(distance 1, length 2) scores 0.5 there and 0 in the canonical definition, and ``" X1 "`` vs
+``"xy"`` scores 1 - 1/4 = 0.75 there.
+
 ViCrop variant (``vicrop``): a question is right (1) when the raw prediction is a substring of
 some answer or some answer is a substring of the prediction -- case-sensitive, no
 normalisation at all. Because the empty string is a substring of every string, **an empty
@@ -63,6 +71,17 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = THRESHOLD) 
     return best
 
 
+def anls_official_docvqa(prediction: str, answers: Sequence[str], threshold: float = THRESHOLD) -> float:
+    """ANLS of one question as the official DocVQA script computes it (module docstring)."""
+    pred = normalize_anls(prediction)
+    distances = []
+    for answer in answers:
+        length = max(len(answer.upper()), len(prediction.upper()))  # raw lengths
+        distances.append(levenshtein(normalize_anls(answer), pred) / length if length else 0.0)
+    similarity = 1.0 - min(distances)
+    return 0.0 if similarity < threshold else similarity
+
+
 def vicrop_contains(prediction: str, answers: Sequence[str]) -> bool:
     """ViCrop's test: ``prediction in answer or answer in prediction`` for some answer (raw text).
 
@@ -80,6 +99,11 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``anls``: mean per-question ANLS in percent; ``n``."""
     require_rows(rows)
     return {"anls": percent(sum(float(r["anls"]) for r in rows), len(rows)), "n": len(rows)}
+
+
+def score_one_official(prediction: str, sample: Mapping[str, Any]) -> Row:
+    """ANLS of one answer by the official DocVQA script's arithmetic."""
+    return {"parsed": normalize_anls(prediction), "anls": anls_official_docvqa(prediction, text_answers(sample))}
 
 
 def score_one_vicrop(prediction: str, sample: Mapping[str, Any]) -> Row:
@@ -101,6 +125,14 @@ SCORERS: tuple[Scorer, ...] = (
         score_one,
         aggregate,
         "ANLS (Levenshtein / max length, threshold 0.5, max over answers; lower/trim/collapse spaces)",
+    ),
+    Scorer(
+        "docvqa",
+        "official-docvqa",
+        {"anls": True, "n": None},
+        score_one_official,
+        aggregate,
+        "official DocVQA script: distance of normalised strings / max raw length; similarity 0.5 kept",
     ),
     Scorer(
         "docvqa",

@@ -44,6 +44,8 @@ class Scorer:
         description: one line naming the definition (shown in CLI help and result files).
         prediction: what ``score_one`` takes as prediction: ``"text"`` (the generated answer) or
             ``"option_losses"`` (one mean token loss per option, V* likelihood protocol).
+        requires: importable modules the variant needs beyond the core install (an optional
+            extra); :meth:`missing` names those that are absent.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Scorer:
     aggregate: Aggregate
     description: str = ""
     prediction: str = "text"
+    requires: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_KINDS:
@@ -63,6 +66,25 @@ class Scorer:
     def key(self) -> str:
         """Registry key, ``"<name>/<variant>"``."""
         return f"{self.name}/{self.variant}"
+
+    def missing(self) -> list[str]:
+        """The modules of :attr:`requires` that are not installed (checked before a run starts)."""
+        import importlib.util
+
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def install_hint(self) -> str | None:
+        """``None`` when everything :attr:`requires` is installed, else a one-line message saying
+        what to install."""
+        missing = self.missing()
+        if not missing:
+            return None
+        extras = sorted({EXTRAS.get(m, m) for m in missing})
+        return f"scorer {self.key} needs {', '.join(missing)}: pip install 'innersight[{','.join(extras)}]'"
+
+
+#: optional module -> the extra of pyproject.toml that installs it
+EXTRAS: dict[str, str] = {"lemminflect": "lemma"}
 
 
 def percent(numerator: float, denominator: float) -> float:

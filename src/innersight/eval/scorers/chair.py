@@ -1,40 +1,56 @@
 """CHAIR: object hallucination in image captions (Rohrbach et al., 2018, arXiv:1809.02156).
 
-Vocabulary: ``innersight/eval/data/coco_synonyms.txt``, one line per COCO category (80), comma
-separated, the first entry being the canonical name (= the COCO category name). Two-word
-entries are phrases. Besides those phrases, these merges are applied (all map to a canonical
-object, so the words inside them are not counted separately):
+The canonical variant reproduces the official CHAIR script (``utils/chair.py`` of the authors'
+``Hallucination`` repository) and its ``data/synonyms.txt``, shipped unedited as
+``innersight/eval/data/coco_synonyms.txt``: 80 lines, one per COCO category, entries separated
+by ``", "``, the first entry canonical. The file is read exactly as the script reads it (each
+line stripped, then split on ``", "``), so its slips count as they do there: ``" motor bike"``
+and ``" cheesecake"`` keep a leading space and never match a caption word, ``"iPhone"`` keeps
+its capital and never matches a lower-cased caption, and ``panda`` is a bear. There is no
+``grizzly``, ``meter``, ``novel``, ``dryer`` or ``hair dryer``.
 
-- ``baby <animal>`` / ``adult <animal>`` -> the animal, for every one-word synonym of bird, cat,
-  dog, horse, sheep, cow, elephant, bear, zebra, giraffe (otherwise ``baby``/``adult`` would
-  count as a person);
-- ``passenger jet`` -> airplane, ``passenger train`` -> train (``passenger`` is a person);
-- ``toilet seat`` -> toilet (``seat`` is a chair); ``bow tie`` is a synonym of tie.
+Caption processing (:meth:`Vocabulary.words`, the script's ``caption_to_words``):
 
-Caption processing (:func:`extract_objects`): lower-case; tokens are runs of letters (so
-``"hot-dog"`` gives ``hot``, ``dog``; apostrophes split words); each token is singularised by
-:func:`singularize` (a small rule-based singulariser; the original used pattern.en's
-``singularize``, many forks a POS tagger + WordNet lemmatiser -- neither is used here); then,
-left to right, a two-word phrase in the vocabulary is merged before single words are looked up;
-every hit is one mention of its canonical object. The vocabulary is singularised with the same
-function, so matching does not depend on how a plural is spelled in the table.
+1. lower-case and tokenise (:func:`tokenize`, Treebank-style as ``nltk.word_tokenize``:
+   punctuation marks are tokens of their own, hyphenated words stay whole, so ``"hot-dog"`` is
+   one token and no object);
+2. singularise every token (the script used pattern.en's ``singularize``; here the rule-based
+   :func:`singularize` -- pattern.en is not installable offline);
+3. merge two-token windows, left to right, through the script's double-word table
+   (:data:`DOUBLE_WORDS`): the COCO two-word names map to themselves (``"train track"`` and
+   ``"home plate"`` too: they are no objects, so ``"a train track"`` mentions nothing);
+   ``baby``/``adult`` + one of the 12 words of :data:`ANIMAL_WORDS` -> that word (``"baby
+   puppy"`` is not merged and counts a person and a dog; ``"baby animal"`` counts nothing);
+   ``passenger jet``/``passenger train`` -> ``jet``/``train``; ``bow tie`` -> ``tie``;
+   ``toilet seat`` -> ``toilet``; ``wine glas`` -> ``wine glass``;
+4. if both ``toilet`` and ``seat`` remain, every ``seat`` is dropped (``"the seat of the
+   toilet"`` mentions a toilet, not a chair);
+5. keep the words that are table entries; each is one mention of its canonical object.
+
+Variants (:data:`VARIANTS`): ``canonical`` (above); ``lemma`` -- the same table and rules with a
+dictionary lemmatiser instead of the singulariser (most forks, e.g. OPERA's, lemmatise with
+nltk's POS tagger + WordNet; here lemminflect's noun lemmas, which ship inside its wheel:
+``pip install 'innersight[lemma]'``; no POS tagger, every token is lemmatised as a noun);
+``tidy`` -- the official rules with the table's three formatting slips repaired (entries
+stripped and lower-cased, so ``motor bike``, ``cheesecake`` and ``iphone`` count).
 
 Per caption: mentions (with repeats), hallucinated mentions (canonical object not in the image's
 ground truth), covered ground-truth objects (distinct), words (whitespace-separated).
 Aggregate (x100): CHAIR_i = hallucinated mentions / mentions; CHAIR_s = captions with at least
 one hallucinated mention / captions; recall = covered ground-truth objects / ground-truth
-objects, both summed over captions; ``avg_len``: mean number of words per caption.
+objects, both summed over captions (recall comes from the forks, the original reports none);
+``avg_len``: mean number of words per caption.
 
-Ground truth comes from the caller, as ``sample["gt_objects"]``: names of COCO categories or of
-any synonym (mapped to canonical here). :func:`ground_truth_objects` builds it the standard way
-(instance categories united with objects mentioned in the reference captions); loading the COCO
-annotations happens elsewhere. Nothing here reads a pickle or downloads anything.
+Ground truth: a sample carrying ``coco_categories`` (its instance category names) and
+``reference_captions`` (its COCO captions) gets them mapped with the variant's own processing
+(:func:`ground_truth_objects`), as the script does; otherwise ``sample["gt_objects"]`` (names of
+COCO categories or synonyms). Nothing here reads a pickle or downloads anything.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -157,91 +173,205 @@ def singularize(word: str) -> str:
     return word
 
 
+# --------------------------------------------------------------------------- tokeniser
+
+#: marks that are always tokens of their own (Treebank rules; "/" and "-" are not among them)
+_ALWAYS_SPLIT = re.compile(r"""(\.\.\.|[;@#$%&?!()\[\]{}<>"`])""")
+#: a comma or colon splits off unless a digit follows ("1,000" and "10:30" stay whole)
+_COMMA_COLON = re.compile(r"([:,])(?!\d)")
+#: clitics split from the end of a word: dog's -> dog 's, don't -> do n't
+_CLITIC = re.compile(r"(?i)(\w)('s|'m|'d|'ll|'re|'ve|n't)$")
+
+
+def tokenize(text: str) -> list[str]:
+    """Treebank-style tokens of ``text`` (the official script calls ``nltk.word_tokenize``,
+    whose sentence splitter needs data that cannot be shipped here; this follows its rules where
+    they matter for CHAIR): punctuation and quotes are separate tokens, a word's final period
+    is split off, clitics (``'s``, ``n't``...) are split, hyphens and slashes stay inside words.
+
+    >>> tokenize("a hot-dog, the dog's ball.")
+    ['a', 'hot-dog', ',', 'the', 'dog', "'s", 'ball', '.']
+    """
+    text = _COMMA_COLON.sub(r" \1 ", _ALWAYS_SPLIT.sub(r" \1 ", text))
+    tokens: list[str] = []
+    for chunk in text.split():
+        tail: list[str] = []
+        while len(chunk) > 1 and chunk[-1] in ".'":
+            tail.insert(0, chunk[-1])
+            chunk = chunk[:-1]
+        if len(chunk) > 1 and chunk[0] == "'":
+            tokens.append("'")
+            chunk = chunk[1:]
+        clitic = _CLITIC.search(chunk)
+        if clitic is not None:
+            tokens.extend([chunk[: clitic.start(2)], clitic.group(2)])
+        else:
+            tokens.append(chunk)
+        tokens.extend(tail)
+    return tokens
+
+
 # --------------------------------------------------------------------------- vocabulary
 
-ANIMALS: tuple[str, ...] = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe")  # fmt: skip
-#: merges beyond the synonym table: phrase -> canonical object
-EXTRA_PHRASES: dict[str, str] = {
-    "passenger jet": "airplane",
-    "passenger train": "train",
-    "toilet seat": "toilet",
-    "bow tie": "tie",
-}
-_TOKEN = re.compile(r"[a-z]+")
+#: the script's two-word COCO names, each mapped to itself (``stove top oven`` has three words and
+#: can never match a two-token window; kept because the script lists it)
+COCO_DOUBLE_WORDS: tuple[str, ...] = (
+    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
+    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
+    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
+    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track",
+)  # fmt: skip
+#: ``baby X`` / ``adult X`` -> ``X`` for exactly these words (``animal`` and ``cub`` are no objects)
+ANIMAL_WORDS: tuple[str, ...] = (
+    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub",
+)  # fmt: skip
+#: ``passenger X`` -> ``X``
+VEHICLE_WORDS: tuple[str, ...] = ("jet", "train")
 
 
-def _tokens(text: str) -> list[str]:
-    return [singularize(t) for t in _TOKEN.findall(text.lower())]
+def double_words() -> dict[str, str]:
+    """The script's double-word table: two-token window -> the word it is treated as."""
+    table = {w: w for w in COCO_DOUBLE_WORDS}
+    for animal in ANIMAL_WORDS:
+        table[f"baby {animal}"] = animal
+        table[f"adult {animal}"] = animal
+    for vehicle in VEHICLE_WORDS:
+        table[f"passenger {vehicle}"] = vehicle
+    table["bow tie"] = "tie"
+    table["toilet seat"] = "toilet"
+    table["wine glas"] = "wine glass"
+    return table
+
+
+DOUBLE_WORDS: Mapping[str, str] = double_words()
 
 
 @dataclass(frozen=True, eq=False)
 class Vocabulary:
-    """The CHAIR vocabulary: singularised words and phrases -> canonical COCO object."""
+    """A CHAIR protocol: the synonym table, the double-word rules and the singulariser."""
 
     #: canonical names in table order (80)
     objects: tuple[str, ...]
-    #: singularised one-word synonym -> canonical
-    words: Mapping[str, str]
-    #: singularised two-word phrase ("w1 w2") -> canonical
-    phrases: Mapping[str, str]
+    #: every table entry as the table spells it -> canonical (the script's inverse synonym dict)
+    synonyms: Mapping[str, str]
+    #: two-token window -> the word it is treated as
+    double_words: Mapping[str, str]
+    #: token -> singular (or lemma)
+    singularize: Callable[[str], str]
+
+    def words(self, caption: str) -> list[str]:
+        """Steps 1-4 of the module docstring: the caption's words after merging (all of them,
+        not only objects; the script's ``double_words`` list)."""
+        tokens = [self.singularize(t) for t in tokenize(caption.lower())]
+        merged: list[str] = []
+        i = 0
+        while i < len(tokens):
+            pair = " ".join(tokens[i : i + 2])
+            if i + 1 < len(tokens) and pair in self.double_words:
+                merged.append(self.double_words[pair])
+                i += 2
+            else:
+                merged.append(tokens[i])
+                i += 1
+        if "toilet" in merged and "seat" in merged:
+            merged = [w for w in merged if w != "seat"]
+        return merged
+
+    def mentions(self, caption: str) -> list[tuple[str, str]]:
+        """``(word, canonical object)`` for every object word of ``caption``, in order."""
+        return [(w, self.synonyms[w]) for w in self.words(caption) if w in self.synonyms]
 
     def canonical(self, name: str) -> str:
-        """Canonical object for a category name or synonym (``"puppies"`` -> ``"dog"``)."""
-        key = " ".join(_tokens(name))
-        hit = self.phrases.get(key) if " " in key else self.words.get(key)
-        if hit is None:
+        """Canonical object of a category name or synonym (``"dog"``, ``"Puppies"`` -> ``"dog"``):
+        the table entry itself, else the single object the name mentions as a caption."""
+        key = name.strip().lower()
+        if key in self.synonyms:
+            return self.synonyms[key]
+        found = {c for _, c in self.mentions(name)}
+        if len(found) != 1:
             raise ValueError(f"{name!r} is not a COCO object or synonym")
-        return hit
+        return found.pop()
 
 
-def parse_synonyms(text: str) -> list[list[str]]:
-    """Lines of ``canonical, synonym, ...`` -> lists of names (blank lines skipped)."""
+def parse_synonyms(text: str, tidy: bool = False) -> list[list[str]]:
+    """The table's lines as the script reads them: each line stripped, split on ``", "``, the
+    entries kept as they are (a leading space or a capital stays). ``tidy``: entries stripped and
+    lower-cased, empty ones dropped. Blank lines are skipped."""
     table = []
     for line in text.splitlines():
-        names = [n.strip().lower() for n in line.split(",") if n.strip()]
-        if names:
-            table.append(names)
+        if not line.strip():
+            continue
+        names = line.strip().split(", ")
+        if tidy:
+            names = [n.strip().lower() for n in names if n.strip()]
+        table.append(names)
     return table
 
 
-def build_vocabulary(table: Sequence[Sequence[str]]) -> Vocabulary:
-    """Build the lookup tables; a word or phrase claimed by two objects raises ``ValueError``."""
-    words: dict[str, str] = {}
-    phrases: dict[str, str] = {}
+def build_vocabulary(table: Sequence[Sequence[str]], singularizer: Callable[[str], str] | None = None,
+                     rules: Mapping[str, str] | None = None) -> Vocabulary:
+    """A :class:`Vocabulary` from table lines (first entry canonical). An entry listed under two
+    objects maps to the later one, as in the script; the canonical names must be distinct."""
+    objects = tuple(names[0] for names in table)
+    if len(set(objects)) != len(objects):
+        raise ValueError("two lines of the synonym table share their canonical name")
+    synonyms = {name: names[0] for names in table for name in names}
+    return Vocabulary(objects, synonyms, dict(DOUBLE_WORDS if rules is None else rules),
+                      singularizer or singularize)
 
-    def add(name: str, canonical: str) -> None:
-        tokens = _tokens(name)
-        if not 1 <= len(tokens) <= 2:
-            raise ValueError(f"synonym {name!r} must have one or two words")
-        target = words if len(tokens) == 1 else phrases
-        key = " ".join(tokens)
-        if target.get(key, canonical) != canonical:
-            raise ValueError(f"{name!r} maps to both {target[key]!r} and {canonical!r}")
-        target[key] = canonical
 
-    objects = []
-    for names in table:
-        canonical = names[0]
-        objects.append(canonical)
-        for name in names:
-            add(name, canonical)
-    for animal in ANIMALS:
-        if animal not in objects:
-            raise ValueError(f"animal {animal!r} missing from the synonym table")
-    for single, canonical in list(words.items()):
-        if canonical in ANIMALS:
-            add(f"baby {single}", canonical)
-            add(f"adult {single}", canonical)
-    for phrase, canonical in EXTRA_PHRASES.items():
-        add(phrase, canonical)
-    return Vocabulary(tuple(objects), dict(words), dict(phrases))
+def _table_text() -> str:
+    return resources.files("innersight.eval").joinpath("data", "coco_synonyms.txt").read_text(encoding="utf-8")
 
 
 @lru_cache(maxsize=1)
 def coco_vocabulary() -> Vocabulary:
-    """The shipped COCO vocabulary (read once from ``eval/data/coco_synonyms.txt``)."""
-    path = resources.files("innersight.eval").joinpath("data", "coco_synonyms.txt")
-    return build_vocabulary(parse_synonyms(path.read_text(encoding="utf-8")))
+    """The official CHAIR protocol (canonical variant)."""
+    return build_vocabulary(parse_synonyms(_table_text()))
+
+
+@lru_cache(maxsize=1)
+def tidy_vocabulary() -> Vocabulary:
+    """The ``tidy`` variant: the official rules, table entries stripped and lower-cased."""
+    return build_vocabulary(parse_synonyms(_table_text(), tidy=True))
+
+
+LEMMA_PACKAGE = "lemminflect"
+
+
+def lemma_available() -> bool:
+    """Whether the ``lemma`` variant's lemmatiser is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec(LEMMA_PACKAGE) is not None
+
+
+def noun_lemma(word: str) -> str:
+    """lemminflect's first noun lemma of ``word`` (dictionary first, then its rules), or ``word``."""
+    from lemminflect import getLemma
+
+    if not word.isalpha():
+        return word
+    lemmas = getLemma(word, upos="NOUN")
+    return lemmas[0] if lemmas else word
+
+
+@lru_cache(maxsize=1)
+def lemma_vocabulary() -> Vocabulary:
+    """The ``lemma`` variant: the official table and rules, lemminflect noun lemmas."""
+    if not lemma_available():
+        raise ModuleNotFoundError("CHAIR variant 'lemma' needs lemminflect: pip install 'innersight[lemma]'")
+    return build_vocabulary(parse_synonyms(_table_text()), singularizer=lru_cache(maxsize=65536)(noun_lemma))
+
+
+#: variant -> (vocabulary factory, description)
+VARIANTS: dict[str, tuple[Callable[[], Vocabulary], str]] = {
+    "canonical": (coco_vocabulary, "official CHAIR script and synonym table, unedited (rule-based singulariser)"),
+    "lemma": (lemma_vocabulary, "official table and rules, lemminflect noun lemmas instead of singularising "
+                                "(the forks' lemmatiser variant; pip install 'innersight[lemma]')"),
+    "tidy": (tidy_vocabulary, "official rules, table entries stripped and lower-cased (motor bike, cheesecake, "
+                              "iphone count)"),
+}
 
 
 # --------------------------------------------------------------------------- caption -> objects
@@ -251,24 +381,10 @@ def extract_objects(caption: str, vocabulary: Vocabulary | None = None) -> list[
     """Canonical COCO objects mentioned in ``caption``, in order, one entry per mention.
 
     ``"Two dogs and a hot dog."`` -> ``["dog", "hot dog"]``; ``"a baby elephant"`` ->
-    ``["elephant"]``; ``"a toilet seat"`` -> ``["toilet"]``.
+    ``["elephant"]``; ``"the seat of the toilet"`` -> ``["toilet"]``.
     """
     vocab = vocabulary or coco_vocabulary()
-    tokens = _tokens(caption)
-    mentions = []
-    i = 0
-    while i < len(tokens):
-        if i + 1 < len(tokens):
-            phrase = vocab.phrases.get(f"{tokens[i]} {tokens[i + 1]}")
-            if phrase is not None:
-                mentions.append(phrase)
-                i += 2
-                continue
-        word = vocab.words.get(tokens[i])
-        if word is not None:
-            mentions.append(word)
-        i += 1
-    return mentions
+    return [canonical for _, canonical in vocab.mentions(caption)]
 
 
 def ground_truth_objects(
@@ -308,9 +424,24 @@ def score_caption(caption: str, gt_objects: Iterable[str], vocabulary: Vocabular
     }
 
 
-def score_one(prediction: str, sample: Mapping[str, Any]) -> Row:
-    """CHAIR counts of one generated caption; ``sample["gt_objects"]``: the image's objects."""
-    return score_caption(prediction, sample["gt_objects"])
+def sample_truth(sample: Mapping[str, Any], vocabulary: Vocabulary) -> list[str]:
+    """The sample's ground truth under ``vocabulary``: from ``coco_categories`` +
+    ``reference_captions`` when it carries them, else ``gt_objects``."""
+    if "coco_categories" in sample and "reference_captions" in sample:
+        return ground_truth_objects(sample["coco_categories"], sample["reference_captions"], vocabulary)
+    return list(sample["gt_objects"])
+
+
+def _make_score_one(factory: Callable[[], Vocabulary]) -> Callable[[str, Mapping[str, Any]], Row]:
+    def score_one(prediction: str, sample: Mapping[str, Any]) -> Row:
+        """CHAIR counts of one generated caption against the sample's ground truth."""
+        vocab = factory()
+        return score_caption(prediction, sample_truth(sample, vocab), vocab)
+
+    return score_one
+
+
+score_one = _make_score_one(coco_vocabulary)
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -326,13 +457,12 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-SCORERS: tuple[Scorer, ...] = (
-    Scorer(
-        "chair",
-        "canonical",
-        {"chair_i": False, "chair_s": False, "recall": True, "avg_len": None, "n": None},
-        score_one,
-        aggregate,
-        "CHAIR_i / CHAIR_s / recall over COCO objects (synonym table, rule-based singulariser)",
-    ),
+HIGHER_IS_BETTER: dict[str, bool | None] = {
+    "chair_i": False, "chair_s": False, "recall": True, "avg_len": None, "n": None,
+}  # fmt: skip
+
+SCORERS: tuple[Scorer, ...] = tuple(
+    Scorer("chair", variant, HIGHER_IS_BETTER, _make_score_one(factory), aggregate, description,
+           requires=(LEMMA_PACKAGE,) if variant == "lemma" else ())
+    for variant, (factory, description) in VARIANTS.items()
 )

@@ -1,10 +1,14 @@
 """MME: per-subtask acc and acc+ (x100 each), perception and cognition sums.
 
-Yes/no parsing (MME's calculation script): lower-case, strip, delete every ``.``; if the result
-is exactly ``yes`` or ``no`` that is the answer; otherwise look at its first four characters:
-``yes`` among them -> yes, else ``no`` among them -> no, else ``other`` (always wrong). So
-``"Yes, there is."`` -> yes, ``"Not at all"`` -> no (``"not "`` contains ``no``),
-``"There is a dog"`` -> other.
+Yes/no parsing (``canonical``: MME's own ``calculation.py``): lower-case only -- no stripping, no
+punctuation removed; if the result is exactly ``yes`` or ``no`` that is the answer; otherwise
+look at its first four characters: ``yes`` among them -> yes, else ``no`` among them -> no,
+else ``other`` (always wrong). So ``"Yes, there is."`` -> yes, ``"Not at all"`` -> no (``"not "``
+contains ``no``), ``"There is a dog"`` -> other, and ``"  yes"`` (``"  ye"``) and ``"...no"``
+(``"...n"``) -> other.
+
+Variant ``lmms-eval``: the parse of lmms-eval's MME task (after Otter's), which first strips
+whitespace and deletes every ``.``: ``"  yes"`` -> yes, ``"...no"`` -> no. Metrics are the same.
 
 Per subtask: ``acc`` = correct questions / questions x100; ``acc_plus`` = images whose questions
 (two per image in MME) are all right / images x100; ``score`` = acc + acc_plus (max 200).
@@ -21,7 +25,8 @@ reported with MME's spelling, e.g. ``OCR``); ``image_id`` (or ``question_id``, w
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from .base import Row, Scorer, percent, require_rows, yes_no_label
@@ -40,8 +45,16 @@ OTHER = "other"
 
 
 def parse_yes_no(text: str) -> str:
-    """MME's parse: ``yes``, ``no`` or ``other`` (see module docstring)."""
-    answer = text.lower().strip().replace(".", "")
+    """MME's own parse: ``yes``, ``no`` or ``other`` (see module docstring)."""
+    return _parse_lowered(text.lower())
+
+
+def parse_yes_no_lmms_eval(text: str) -> str:
+    """lmms-eval's parse: strip and delete every ``.`` before MME's rule."""
+    return _parse_lowered(text.lower().strip().replace(".", ""))
+
+
+def _parse_lowered(answer: str) -> str:
     if answer in ("yes", "no"):
         return answer
     head = answer[:4]
@@ -60,11 +73,11 @@ def subtask(name: str) -> str:
         raise ValueError(f"unknown MME subtask {name!r}; known: {', '.join(SUBTASKS)}") from None
 
 
-def score_one(prediction: str, sample: Mapping[str, Any]) -> Row:
+def score_one(prediction: str, sample: Mapping[str, Any], parse: Callable[[str], str] = parse_yes_no) -> Row:
     """Parse the answer; the row carries category and image id for acc+."""
     label = yes_no_label(sample)
     image = sample["image_id"] if "image_id" in sample else sample["question_id"]
-    parsed = parse_yes_no(prediction)
+    parsed = parse(prediction)
     return {
         "category": subtask(sample["category"]),
         "image_id": str(image),
@@ -127,6 +140,14 @@ SCORERS: tuple[Scorer, ...] = (
         HIGHER_IS_BETTER,
         score_one,
         aggregate,
-        "MME: per subtask acc + acc+ (x100); perception = 10 subtasks, cognition = 4",
+        "MME: per subtask acc + acc+ (x100); perception = 10 subtasks, cognition = 4; MME's own yes/no parse",
+    ),
+    Scorer(
+        "mme",
+        "lmms-eval",
+        HIGHER_IS_BETTER,
+        partial(score_one, parse=parse_yes_no_lmms_eval),
+        aggregate,
+        "MME metrics with lmms-eval's parse (strip, delete '.', then MME's rule)",
     ),
 )

@@ -13,6 +13,12 @@ Parsers (the prediction is the generated text):
   decides; none -> ``unknown``.
 - ``vicrop``: the closer of ``"yes"``/``"no"`` to the raw text by ``difflib`` ratio
   (case-sensitive; a tie goes to ``yes``) -- the ViCrop paper's evaluation script.
+- ``damro-vcd``: the POPE scorer of VCD's repository, which DAMRO's published POPE table was
+  computed with. It reads the label first: on a ``yes`` question the answer is right when
+  ``"yes"`` occurs anywhere in the lower-cased text, on a ``no`` question when ``"no"`` occurs
+  anywhere -- also inside another word, so ``"I don't know"`` and ``"Nothing is there, yes"``
+  are right on a ``no`` question. The parsed answer is therefore label-dependent: the label
+  when the test passes, the other answer when it fails.
 
 Metrics (``aggregate``, percent): accuracy over all questions (``unknown`` is wrong), precision
 and recall of the ``yes`` class (an ``unknown`` on a ``yes`` question is a false negative),
@@ -65,6 +71,14 @@ def parse_vicrop(text: str) -> str:
     yes = difflib.SequenceMatcher(None, text, "yes").ratio()
     no = difflib.SequenceMatcher(None, text, "no").ratio()
     return "yes" if yes >= no else "no"
+
+
+def score_one_damro_vcd(prediction: str, sample: Mapping[str, Any]) -> Row:
+    """VCD's / DAMRO's scorer: the label's own word anywhere in the lower-cased answer is right."""
+    label = yes_no_label(sample)
+    correct = label in prediction.lower().strip()
+    parsed = label if correct else ("no" if label == "yes" else "yes")
+    return {"label": label, "parsed": parsed, "correct": correct}
 
 
 def _make_score_one(parse: Callable[[str], str]) -> Callable[[str, Mapping[str, Any]], Row]:
@@ -144,4 +158,8 @@ _DESCRIPTIONS = {
 SCORERS: tuple[Scorer, ...] = tuple(
     Scorer("pope", variant, HIGHER_IS_BETTER, _make_score_one(parse), aggregate, _DESCRIPTIONS[variant])
     for variant, parse in PARSERS.items()
+) + (
+    Scorer("pope", "damro-vcd", HIGHER_IS_BETTER, score_one_damro_vcd, aggregate,
+           "VCD's scorer (DAMRO's POPE table): right iff the label's word ('yes'/'no') occurs anywhere in the "
+           "lower-cased answer"),
 )

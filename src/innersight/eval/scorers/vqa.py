@@ -22,6 +22,13 @@ Soft accuracy over ``n`` human answers (``n`` = 10 in all three benchmarks): the
 equals ``min(1, 0.3 * matches)`` for every match count (m <= 3: (m(m-1)/3 + (10-m)m/3)/10 =
 0.3m; m >= 4: every subset still holds >= 3 matches), whereas the naive ``min(1, matches / 3)``
 differs at m = 1, 2, 3 (0.33/0.67/1.0 instead of 0.3/0.6/0.9).
+
+Variant ``official-vqaeval`` (textvqa, vqav2): the official VQA evaluation script
+(``vqaEval.py``) normalises only when the human answers disagree. Every answer and the
+prediction get newlines/tabs replaced and are stripped; then, **only if** the raw answers are
+not all identical, all of them and the prediction are normalised as above. When all ten
+answers are the same string, the prediction is compared with them as given: ``"Yes"`` against
+ten ``"yes"`` scores 0 (canonical: 1), and so does ``"yes."``.
 """
 
 from __future__ import annotations
@@ -233,6 +240,30 @@ def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
     )
 
 
+def _strip_whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def official_vqaeval_answers(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """``(prediction, answers)`` as the official ``vqaEval.py`` compares them: whitespace-cleaned,
+    and normalised only when the cleaned answers are not all identical."""
+    pred = _strip_whitespace(prediction)
+    gts = [_strip_whitespace(a) for a in answers]
+    if len(set(gts)) > 1:
+        return normalize_vqa_answer(pred), [normalize_vqa_answer(a) for a in gts]
+    return pred, gts
+
+
+def score_one_official(prediction: str, sample: Mapping[str, Any]) -> Row:
+    """Score one answer the way the official VQA script does (see the module docstring)."""
+    parsed, answers = official_vqaeval_answers(prediction, text_answers(sample))
+    return {
+        "parsed": parsed,
+        "matches": sum(1 for a in answers if a == parsed),
+        "accuracy": soft_accuracy_normalized(parsed, answers),
+    }
+
+
 def score_one(prediction: str, sample: Mapping[str, Any]) -> Row:
     """Score one answer; ``sample["answers"]``: the human answers (strings or ``{"answer": ...}``)."""
     parsed = normalize_vqa_answer(prediction)
@@ -253,6 +284,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 HIGHER_IS_BETTER: dict[str, bool | None] = {"accuracy": True, "n": None}
 _DESCRIPTION = "VQA soft accuracy (leave-one-out over 10 human answers), standard VQA answer normalisation"
 
+_OFFICIAL = "official vqaEval.py: normalised only when the human answers differ (\"Yes\" vs ten \"yes\" scores 0)"
+
 SCORERS: tuple[Scorer, ...] = tuple(
     Scorer(name, "canonical", HIGHER_IS_BETTER, score_one, aggregate, f"{_DESCRIPTION}{extra}")
     for name, extra in (
@@ -260,4 +293,7 @@ SCORERS: tuple[Scorer, ...] = tuple(
         ("vqav2", ""),
         ("aokvqa", " (direct answers)"),
     )
+) + tuple(
+    Scorer(name, "official-vqaeval", HIGHER_IS_BETTER, score_one_official, aggregate, _OFFICIAL)
+    for name in ("textvqa", "vqav2")
 )
