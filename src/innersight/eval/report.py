@@ -375,7 +375,7 @@ def analyse(results: Sequence[dict[str, Any]], *, resamples: int = RESAMPLES, le
             m.versus = paired_test(reference, m, resamples=resamples, level=level, seed=seed)
             m.versus_label = reference.label
             m.matched = not unmatched
-            if m.versus is not None and m.versus.n < min(len(m.rows), len(reference.rows)):
+            if m.versus is not None and m.versus.n < max(len(m.rows), len(reference.rows)):
                 m.notes.append(f"paired on the {m.versus.n} samples both runs scored")
             if m.versus is None:
                 m.notes.append(f"no sample in common with {reference.label}; no paired test")
