@@ -126,7 +126,7 @@ def demo(
 
     runs = ["plain", *methods]
     # one row per method, one column per question set: stays readable in an 80-column terminal
-    table = Table(title=f"innersight demo: {model}, {n} fresh scenes per set, accuracy %")
+    table = Table(title=f"innersight demo: {model}, {n} fresh scenes per set, accuracy % [95% interval]")
     table.add_column("method", no_wrap=True)
     for demo_set in SETS:
         table.add_column(demo_set.name, justify="right")
@@ -135,12 +135,13 @@ def demo(
     for run in runs:
         cells = []
         for demo_set in SETS:
-            value = result.accuracy[demo_set.name][run]
-            text = f"{100 * value:.1f}"
-            cells.append(f"[bold green]{text}[/]" if value == best[demo_set.name] else text)
+            value, interval = result.cell(demo_set.name, run, digits=0 if n < 100 else 1)
+            value = f"[bold green]{value}[/]" if result.accuracy[demo_set.name][run] == best[demo_set.name] else value
+            cells.append(f"{value}\n[dim]{interval}[/]" if interval else value)
         table.add_row(run, *cells, f"{1000 * result.seconds[run]:.0f}")
     console = Console()
     console.print(table)
+    console.print("bootstrap 95% intervals over scenes; * differs from plain (McNemar p < 0.05, same scenes)")
     console.print(f"report: {result.report}")
 
 
