@@ -135,7 +135,7 @@ def demo(
     for run in runs:
         cells = []
         for demo_set in SETS:
-            value, interval = result.cell(demo_set.name, run, digits=0 if n < 100 else 1)
+            value, interval = result.cell(demo_set.name, run, interval_digits=0)
             value = f"[bold green]{value}[/]" if result.accuracy[demo_set.name][run] == best[demo_set.name] else value
             cells.append(f"{value}\n[dim]{interval}[/]" if interval else value)
         table.add_row(run, *cells, f"{1000 * result.seconds[run]:.0f}")

@@ -89,13 +89,14 @@ class DemoResult:
         test = self.versus_plain.get(demo_set, {}).get(run)
         return test is not None and test.p_value < alpha
 
-    def cell(self, demo_set: str, run: str, digits: int = 1) -> tuple[str, str]:
+    def cell(self, demo_set: str, run: str, digits: int = 1, interval_digits: int | None = None) -> tuple[str, str]:
         """``(accuracy in percent with * when significant, "[low, high]")`` of one table cell."""
         value = f"{100 * self.accuracy[demo_set][run]:.{digits}f}" + ("*" if self.significant(demo_set, run) else "")
         interval = self.intervals.get(demo_set, {}).get(run)
         if interval is None or interval.low is None:
             return value, ""
-        return value, f"[{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+        d = digits if interval_digits is None else interval_digits
+        return value, f"[{interval.low:.{d}f}, {interval.high:.{d}f}]"
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "n_per_set": self.n, "seed": self.seed, "methods": list(self.methods),
