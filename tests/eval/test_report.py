@@ -160,3 +160,26 @@ def test_intervals_are_reproducible_and_depend_on_the_seed():
     a = analyse([plain], rows=[rows], seed=1, resamples=200).runs[0].interval
     b = analyse([plain], rows=[rows], seed=1, resamples=200).runs[0].interval
     assert a == b and a.seed == 1 and a.resamples == 200
+
+
+def test_micro_chair_runs_get_intervals_and_a_paired_bootstrap():
+    scorer = get_scorer("micro-chair")
+    scenes = [["star", "circle"], ["square"], ["triangle", "star"], ["circle"]] * 5
+    plain_text = ["a red star and a blue triangle", "a green square", "a red triangle", "a blue circle"] * 5
+    method_text = ["a red star", "a green square", "a red triangle and a red star", "a blue circle"] * 5
+    results, rows = [], []
+    for methods, texts in (([], plain_text), (["deco"], method_text)):
+        scored = {f"s{i}": scorer.score_one(t, {"gt_objects": g}) for i, (t, g) in enumerate(zip(texts, scenes))}
+        metrics = scorer.aggregate(list(scored.values()))
+        results.append({"run": "x", "benchmark": "micro-chair", "split": "val", "model": "micro", "methods": methods,
+                        "scorer": {"name": "micro-chair", "variant": "canonical"}, "generation": {"max_new_tokens": 48},
+                        "seed": 0, "metrics": metrics, "counts": {"samples": 20, "errors": 0},
+                        "main_metric": {"name": "chair_s", "value": metrics["chair_s"], "higher_is_better": False},
+                        "seconds_per_sample": 0.05})
+        rows.append(scored)
+    report = analyse(results, rows=rows, resamples=300)
+    plain, deco = report.runs
+    assert plain.value == pytest.approx(25.0) and deco.value == 0.0  # 5 of 20 captions name an absent triangle
+    assert plain.interval.low < 25.0 < plain.interval.high and deco.interval.high == 0.0
+    assert deco.versus.test == "paired-bootstrap" and deco.versus.difference == pytest.approx(-25.0)
+    assert deco.versus.significant()

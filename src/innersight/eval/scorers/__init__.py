@@ -12,6 +12,9 @@ gqa       canonical (exact match), vicrop (label substring of prediction)
 mme       canonical (acc + acc+, perception / cognition sums)
 vstar     canonical (option likelihood), letter, vicrop (difflib)
 chair     canonical (CHAIR_i, CHAIR_s, recall, average length)
+amber-g   canonical (AMBER CHAIR, Cover, Hal, Cog; no spaCy synonym step)
+amber-d   canonical (exact Yes/No), first_word
+hrbench   canonical (option letter; accuracy averaged over option cycles)
 ========  =====================================================================
 
 >>> scorer = get_scorer("pope")
@@ -22,7 +25,7 @@ chair     canonical (CHAIR_i, CHAIR_s, recall, average length)
 
 from __future__ import annotations
 
-from . import anls, chair, gqa, micro, mme, pope, vqa, vstar
+from . import amber, anls, chair, gqa, hrbench, micro, mme, pope, vqa, vstar
 from .base import Scorer
 
 __all__ = ["SCORERS", "Scorer", "get_scorer", "variants"]
@@ -40,7 +43,7 @@ def _registry(*groups: tuple[Scorer, ...]) -> dict[str, Scorer]:
 
 SCORERS: dict[str, Scorer] = _registry(
     vqa.SCORERS, pope.SCORERS, anls.SCORERS, gqa.SCORERS, mme.SCORERS, vstar.SCORERS, chair.SCORERS,
-    micro.SCORERS,
+    micro.SCORERS, amber.SCORERS, hrbench.SCORERS,
 )
 
 
