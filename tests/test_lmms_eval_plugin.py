@@ -80,8 +80,41 @@ def test_lmms_eval_finds_the_model_by_its_entry_point(plugin):
     assert points.get("innersight") == "innersight.integrations:lmms_eval_manifest"
     assert "innersight" in list_available_models()
     assert get_model_manifest("innersight").simple_class_path == "innersight.integrations.lmms_eval.InnersightLMMS"
-    assert get_model("innersight") is plugin.InnersightLMMS
-    assert plugin.InnersightLMMS.is_simple
+    assert get_model_manifest("innersight").chat_class_path == "innersight.integrations.lmms_eval.InnersightLMMSChat"
+    # lmms-eval prefers the chat type; --force_simple gives the simple one
+    assert get_model("innersight") is plugin.InnersightLMMSChat
+    assert get_model("innersight", force_simple=True) is plugin.InnersightLMMS
+    assert plugin.InnersightLMMS.is_simple and not plugin.InnersightLMMSChat.is_simple
+
+
+def messages(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """A document as lmms-eval's chat tasks give it: a system turn and one user turn."""
+    return [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+            {"role": "user", "content": [{"type": "image", "url": doc["image"]},
+                                         {"type": "text", "text": doc["question"]}]}]
+
+
+def test_chat_model_type_answers_like_answer_batch(plugin, docs, tiny_mllm):
+    from lmms_eval.api.instance import Instance
+
+    mllm = tiny_mllm("llava")
+    model = with_docs(plugin.InnersightLMMSChat(pretrained=mllm, batch_size=2), docs)
+    gen = {"max_new_tokens": 4, "temperature": 0, "until": []}
+    requests = [Instance(request_type="generate_until", arguments=("ctx", messages, dict(gen), i, "pope", "test"),
+                         idx=0, metadata={"task": "pope", "doc_id": i, "repeats": 1}) for i in range(len(docs))]
+    got = model.generate_until(requests)
+    expected = mllm.answer_batch([d["image"] for d in docs], [f"Answer briefly.\n{d['question']}" for d in docs],
+                                 max_new_tokens=4, batch_size=2)
+    assert got == [a.text for a in expected]
+
+    def two_turns(doc):
+        return messages(doc) + [{"role": "assistant", "content": [{"type": "text", "text": "x"}]},
+                                {"role": "user", "content": [{"type": "text", "text": "and?"}]}]
+
+    bad = Instance(request_type="generate_until", arguments=("ctx", two_turns, dict(gen), 0, "pope", "test"), idx=0,
+                   metadata={"task": "pope", "doc_id": 0, "repeats": 1})
+    with pytest.raises(UserInputError, match="one user turn"):
+        model.generate_until([bad])
 
 
 # ---------------------------------------------------------------------- generate_until

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -127,7 +127,7 @@ def demo(
 
     runs = ["plain", *methods]
     # one row per method, one column per question set: stays readable in an 80-column terminal
-    table = Table(title=f"innersight demo: {model}, {n} fresh scenes per set, accuracy %")
+    table = Table(title=f"innersight demo: {model}, {n} fresh scenes per set, accuracy % [95% interval]")
     table.add_column("method", no_wrap=True)
     for demo_set in SETS:
         table.add_column(demo_set.name, justify="right")
@@ -136,12 +136,13 @@ def demo(
     for run in runs:
         cells = []
         for demo_set in SETS:
-            value = result.accuracy[demo_set.name][run]
-            text = f"{100 * value:.1f}"
-            cells.append(f"[bold green]{text}[/]" if value == best[demo_set.name] else text)
+            value, interval = result.cell(demo_set.name, run, interval_digits=0)
+            value = f"[bold green]{value}[/]" if result.accuracy[demo_set.name][run] == best[demo_set.name] else value
+            cells.append(f"{value}\n[dim]{interval}[/]" if interval else value)
         table.add_row(run, *cells, f"{1000 * result.seconds[run]:.0f}")
     console = Console()
     console.print(table)
+    console.print("bootstrap 95% intervals over scenes; * differs from plain (McNemar p < 0.05, same scenes)")
     console.print(f"report: {result.report}")
 
 
@@ -223,6 +224,8 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per generation batch.")] = 8,
     max_new_tokens: Annotated[int | None, typer.Option(help="Longest answer in tokens (default: the preset's; vicrop on its paper's benchmarks: 20).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    temperature: Annotated[float, typer.Option(help="0: greedy (default); > 0: sample at this temperature (seeded by --seed).")] = 0.0,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, with --temperature > 0.")] = None,
     image_ids: Annotated[Path | None, typer.Option("--image-ids", help="CHAIR: file of COCO image ids to caption.")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Folder of the benchmark's images, when not in the official place.")] = None,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="Redo samples whose earlier attempt failed.")] = False,
@@ -239,6 +242,10 @@ def eval_(
     settings = _parse_sets(set_)
     if settings and not method:
         _fail("--set given but no --method to apply it to")
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
+        _fail("--temperature must be >= 0 and --top-p in (0, 1]")
+    if top_p is not None and temperature == 0:
+        _fail("--top-p applies only when sampling (--temperature > 0)")
     try:
         scorer = get_scorer(bench.scorer, scorer_variant)
     except KeyError as exc:
@@ -254,12 +261,15 @@ def eval_(
 
     plan = resolve_methods(method or [], settings)
     check_protocol(scorer, plan)
-    run_dir = output if (output / CONFIG).is_file() else output / run_name(bench.name, split, model, plan.names)
+    sampled = f"-T{temperature:g}" + (f"-p{top_p:g}" if top_p else "") if temperature > 0 else ""
+    run_dir = output if (output / CONFIG).is_file() else output / (run_name(bench.name, split, model, plan.names) + sampled)
     proc = process_info(device)
     import innersight
 
     mllm = innersight.load(model, device=device or proc.device, dtype=dtype)
-    generation = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
+    generation: dict[str, Any] = {"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}
+    if temperature > 0:
+        generation.update({"do_sample": True, "temperature": temperature, **({"top_p": top_p} if top_p else {})})
     results = evaluate(mllm, bench, data, split, method or [], settings, run_dir, limit, batch_size, seed, generation,
                        scorer_variant=scorer_variant, preset=preset, template=template, options=options,
                        retry_errors=retry_errors, progress=not as_json, process=proc, samples=samples)
@@ -282,28 +292,31 @@ def eval_(
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders (or folders of runs).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write (the table goes beside it as .md).")] = Path("report.png"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write (the table goes beside it as .md, .csv and .json).")] = Path("report.png"),
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Compare runs even when their data, split, scorer, prompt, max new tokens, sampling, seed or model differ (they are marked).")] = False,
+    resamples: Annotated[int, typer.Option("--resamples", help="Bootstrap resamples for the intervals and paired tests.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap resampling.")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare finished runs: a markdown table and a score-vs-latency plot."""
-    from .eval.report import find_runs, load_results, markdown_table, plot, summary
+    """Compare finished runs: scores with bootstrap intervals, paired tests against plain, controls."""
+    from .eval.report import analyse, find_runs, load_results, markdown_table, write_report
 
     if output.suffix.lower() != ".png":
         _fail(f"--output must be a .png file, not {output}")
+    if resamples < 1:
+        _fail("--resamples must be at least 1")
     finished, unfinished = find_runs(runs)
     if not finished:
         _fail("no finished run among " + ", ".join(str(r) for r in runs) + " (re-run their eval commands to finish)")
-    rows = [summary(load_results(r)) for r in finished]
-    table = markdown_table(rows)
-    figure = plot(rows, output)
-    table_path = output.with_suffix(".md")
-    table_path.write_text(table, encoding="utf-8")
+    analysed = analyse([load_results(r) for r in finished], resamples=resamples, seed=seed,
+                       allow_mismatch=allow_mismatch)
+    paths = write_report(analysed, output)
     if as_json:
-        typer.echo(json.dumps({"runs": rows, "unfinished": [str(u) for u in unfinished], "table": str(table_path),
-                               "figure": str(figure)}, indent=2))
+        typer.echo(json.dumps({**analysed.to_json(), "unfinished": [str(u) for u in unfinished],
+                               **{k: str(v) for k, v in paths.items()}}, indent=2))
         return
-    typer.echo(table, nl=False)
-    typer.echo(f"\nfigure: {figure}\ntable: {table_path}")
+    typer.echo(markdown_table(analysed), nl=False)
+    typer.echo(f"\nfigure: {paths['figure']}\ntable: {paths['table']}\ncsv: {paths['csv']}\njson: {paths['json']}")
     for u in unfinished:
         typer.echo(f"warning: {u} is unfinished (no results.json); re-run its eval command", err=True)
 

@@ -40,3 +40,37 @@ def test_demo_rejects_unknown_method(tmp_path, capsys):
         main(["demo", "--n", "1", "--method", "nope", "-o", str(tmp_path)])
     assert exc.value.code == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_demo_statistics_are_mcnemar_and_bootstrap_on_the_same_scenes():
+    from innersight.demo.run import DemoResult, add_statistics, markdown_table
+
+    result = DemoResult("micro", 10, 0, ("deco",))
+    plain = [True] * 2 + [False] * 8
+    deco = [True] * 10  # 8 scenes plain got wrong, none the other way: exact p = 2 / 2**8
+    for demo_set in SETS:
+        result.correct[demo_set.name] = {"plain": plain, "deco": deco if demo_set.name == "read-small" else plain}
+        result.accuracy[demo_set.name] = {r: sum(v) / 10 for r, v in result.correct[demo_set.name].items()}
+    add_statistics(result, resamples=200)
+    test = result.versus_plain["read-small"]["deco"]
+    assert test.discordant == (0, 8) and test.p_value == pytest.approx(2 / 2**8)
+    assert result.significant("read-small", "deco") and not result.significant("pope", "deco")
+    interval = result.intervals["read-small"]["plain"]
+    assert interval.low < 20.0 < interval.high and interval.low >= 0.0
+    assert result.intervals["read-small"]["deco"].low == 100.0  # every resample of all-correct is 100
+    table = markdown_table(result)
+    assert "| **100.0**\\* [100.0, 100.0] |" in table and "| 20.0 [" in table
+    assert json.loads(json.dumps(result.to_json()))["versus_plain"]["read-small"]["deco"]["discordant"] == [0, 8]
+
+
+def test_demo_table_prints_intervals_and_marks(tmp_path, capsys):
+    try:
+        main(["demo", "--n", "3", "--method", "vicrop-rel-att", "-o", str(tmp_path / "d")])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out
+    assert "95% interval" in out and "McNemar p < 0.05" in out
+    assert out.count("[") >= 2 * len(SETS)  # an interval under every accuracy
+    table = (tmp_path / "d" / "table.md").read_text()
+    assert table.splitlines()[0] == "| set | plain | vicrop-rel-att |"
+    assert len(table.splitlines()) == 2 + len(SETS)

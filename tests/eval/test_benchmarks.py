@@ -37,7 +37,7 @@ def write_json(path: Path, payload: object) -> Path:
 
 def test_registry_names_scorers_and_presets():
     assert set(BENCHMARKS) == {"textvqa", "vstar", "docvqa", "pope", "chair", "gqa", "aokvqa", "vqav2", "mme",
-                               "micro-details", "micro-pope", "micro-chair"}
+                               "micro-details", "micro-pope", "micro-chair", "amber-g", "amber-d", "hrbench"}
     for bench in BENCHMARKS.values():
         assert f"{bench.scorer}/canonical" in SCORERS, bench.name
         assert bench.default_preset() in bench.presets, bench.name

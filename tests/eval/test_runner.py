@@ -447,20 +447,31 @@ def test_cli_eval_and_report(capsys, mllm, pope, model_dir, reference, tmp_path)
     (tmp_path / "runs" / "unfinished" / "config.json").write_text("{}")
 
     figure = tmp_path / "report" / "cmp.png"
-    table = _cli(["report", str(tmp_path / "runs"), str(reference[0]), "-o", str(figure)])
+    # the reference run scored 12 samples, the CLI runs 4: the report refuses to compare them
+    refusal = _cli_fail(["report", str(tmp_path / "runs"), str(reference[0]), "-o", str(figure)], capsys)
+    assert "refusing to compare runs made under different settings" in refusal
+    assert "samples: " in refusal and '"limit": 12' in refusal and "--allow-mismatch" in refusal
+    table = _cli(["report", str(tmp_path / "runs"), str(reference[0]), "-o", str(figure), "--allow-mismatch"])
     lines = table.splitlines()
-    assert lines[0] == "| benchmark | scorer | model | methods | main metric | n | errors | s/sample |"
+    assert lines[0] == ("| benchmark | scorer | model | methods | decoding | main metric | 95% CI | yes % | vs plain "
+                        "| p (test) | n | errors | s/sample |")
     ref = reference[1]
-    assert (f"| pope/random | canonical | {model_dir} | baseline | accuracy = {ref['metrics']['accuracy']:.2f} "
-            f"| 12 | 0 | {ref['seconds_per_sample']:.3f} |") in lines
-    assert any(f"| deco | accuracy = {deco['metrics']['accuracy']:.2f} | 4 | 0 |" in line for line in lines)
-    assert sum(1 for line in lines if line.startswith("| pope/random")) == 3
-    assert figure.with_suffix(".md").read_text() == "\n".join(lines[: lines.index("")]) + "\n"
+    body = [line for line in lines if line.startswith("| pope/random")]
+    assert len(body) == 3
+    assert any(f"| accuracy = {ref['metrics']['accuracy']:.2f} |" in line and "| 12 | 0 |" in line for line in body)
+    assert any(f"| deco | greedy | accuracy = {deco['metrics']['accuracy']:.2f} |" in line and "(unmatched)" in line
+               for line in body)
+    assert "WARNING: pope (greedy) runs were made under different settings" in table
+    assert figure.with_suffix(".md").read_text() == table[: table.index("\nfigure: ")]
+    assert figure.with_suffix(".csv").read_text().startswith("run,benchmark,mode,label,")
     with Image.open(figure) as png:
         assert png.format == "PNG" and png.size[0] > 300 and png.size[1] > 200
-    payload = json.loads(_cli(["report", str(tmp_path / "runs"), "-o", str(figure), "--json"]))
-    assert {r["methods"] for r in payload["runs"]} == {"baseline", "deco"}
-    assert payload["unfinished"] == [str((tmp_path / "runs" / "unfinished").resolve())]
+    matched = json.loads(_cli(["report", str(tmp_path / "runs"), "-o", str(figure), "--json"]))
+    assert {r["label"] for r in matched["runs"]} == {"plain", "deco"}
+    (deco_row,) = [r for r in matched["runs"] if r["label"] == "deco"]
+    assert deco_row["versus"] == "plain" and deco_row["matched"] and deco_row["paired"]["n"] == 4
+    assert deco_row["paired"]["test"] == "mcnemar-exact"
+    assert matched["unfinished"] == [str((tmp_path / "runs" / "unfinished").resolve())]
     assert "no run in" in _cli_fail(["report", str(tmp_path / "report")], capsys)
 
 

@@ -46,6 +46,12 @@ EXAMPLES: dict[str, list[tuple[object, dict]]] = {
     "chair": [("a dog", {"gt_objects": ["dog"]})],
     "micro-chair": [("a red star and a blue circle", {"gt_objects": ["star"]}),
                     ("a green square with 4", {"gt_objects": ["square", "letter"]})],
+    "amber-g": [("a dog and two cats", {"truth": ["dog"], "hallu": ["cat"], "association": {"dog": [], "cat": []},
+                                        "vocabulary": frozenset({"dog", "cat"}), "safe_words": frozenset()})],
+    "amber-d": [("Yes", {"label": "yes", "dimension": "existence"}),
+                ("no", {"label": "no", "dimension": "relation"})],
+    "hrbench": [("B", {"options": {"A": "x", "B": "y"}, "answer": "B", "category": "single", "cycle_category": "0"}),
+                ("A", {"options": {"A": "x", "B": "y"}, "answer": "B", "category": "cross", "cycle_category": "1"})],
 }
 
 
@@ -57,7 +63,8 @@ def test_expected_keys() -> None:
         "docvqa/canonical", "docvqa/official-docvqa", "docvqa/vicrop", "gqa/canonical", "gqa/vicrop",
         "mme/canonical", "mme/lmms-eval",
         "vstar/canonical", "vstar/letter", "vstar/vicrop", "chair/canonical", "chair/lemma", "chair/tidy",
-        "micro-chair/canonical",
+        "micro-chair/canonical", "amber-g/canonical", "amber-d/canonical", "amber-d/first_word",
+        "hrbench/canonical",
     }  # fmt: skip
     for key, scorer in SCORERS.items():
         assert key == scorer.key == f"{scorer.name}/{scorer.variant}"

@@ -22,6 +22,9 @@ from typing import Any
 #: held-out seed: training draws from (seed=0, step); evaluation inside training uses other seeds
 DEMO_SEED = 20261121
 
+#: significance level of the demo's McNemar tests against plain
+ALPHA = 0.05
+
 #: the four papers' methods (the baselines vcd and dola run with `--method`)
 DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "deco", "damro", "var")
 
@@ -71,13 +74,70 @@ class DemoResult:
     methods: tuple[str, ...]
     #: set name -> method ("plain" or a method name) -> accuracy in [0, 1]
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: set name -> method -> right/wrong per scene (the same scenes for every method)
+    correct: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
+    #: set name -> method -> bootstrap interval of the accuracy in percent (see :func:`add_statistics`)
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: set name -> method -> McNemar test against plain on the same scenes
+    versus_plain: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
     report: str | None = None
 
+    def significant(self, demo_set: str, run: str, alpha: float = ALPHA) -> bool:
+        """Whether ``run`` differs from plain on ``demo_set`` with McNemar p < ``alpha``."""
+        test = self.versus_plain.get(demo_set, {}).get(run)
+        return test is not None and test.p_value < alpha
+
+    def cell(self, demo_set: str, run: str, digits: int = 1, interval_digits: int | None = None) -> tuple[str, str]:
+        """``(accuracy in percent with * when significant, "[low, high]")`` of one table cell."""
+        value = f"{100 * self.accuracy[demo_set][run]:.{digits}f}" + ("*" if self.significant(demo_set, run) else "")
+        interval = self.intervals.get(demo_set, {}).get(run)
+        if interval is None or interval.low is None:
+            return value, ""
+        d = digits if interval_digits is None else interval_digits
+        return value, f"[{interval.low:.{d}f}, {interval.high:.{d}f}]"
+
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "n_per_set": self.n, "seed": self.seed, "methods": list(self.methods),
-                "accuracy": self.accuracy, "seconds_per_answer": self.seconds, "report": self.report}
+                "accuracy": self.accuracy, "seconds_per_answer": self.seconds, "report": self.report,
+                "intervals": {s: {r: i.to_json() for r, i in runs.items()} for s, runs in self.intervals.items()},
+                "versus_plain": {s: {r: t.to_json() for r, t in runs.items()} for s, runs in self.versus_plain.items()},
+                "alpha": ALPHA}
+
+
+def add_statistics(result: DemoResult, *, resamples: int = 1000, seed: int = 0) -> DemoResult:
+    """Fill in each accuracy's bootstrap 95% interval (resampling scenes, seeded) and each
+    method's McNemar test against plain on the same scenes (:mod:`innersight.eval.stats`)."""
+    from ..eval.stats import bootstrap_mean_ci, mcnemar
+
+    for demo_set, runs in result.correct.items():
+        for run, outcomes in runs.items():
+            result.intervals.setdefault(demo_set, {})[run] = bootstrap_mean_ci(
+                [float(o) for o in outcomes], scale=100.0, resamples=resamples, seed=seed)
+            if run != "plain":
+                result.versus_plain.setdefault(demo_set, {})[run] = mcnemar(runs["plain"], outcomes,
+                                                                           resamples=resamples, seed=seed)
+    return result
+
+
+def markdown_table(result: DemoResult) -> str:
+    """The accuracy table as README shows it: one row per set, one column per run, the 95%
+    interval after each accuracy, * = differs from plain (McNemar p < 0.05), best in bold."""
+    runs = ["plain", *result.methods]
+    lines = ["| set | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for demo_set in SETS:
+        best = max(result.accuracy[demo_set.name].values())
+        cells = []
+        for run in runs:
+            value = f"{100 * result.accuracy[demo_set.name][run]:.1f}"
+            if result.accuracy[demo_set.name][run] == best:
+                value = f"**{value}**"
+            if result.significant(demo_set.name, run):
+                value += "\\*"
+            cells.append(f"{value} {result.cell(demo_set.name, run)[1]}".strip())
+        lines.append(f"| {demo_set.description} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def run_demo(
@@ -123,7 +183,9 @@ def run_demo(
                 answers[(demo_set.name, run)] = out
                 correct = [is_correct(demo_set.kind, a.text, s.answer) for a, s in zip(out, rows)]
                 result.accuracy.setdefault(demo_set.name, {})[run] = sum(correct) / len(correct)
+                result.correct.setdefault(demo_set.name, {})[run] = correct
     result.seconds = {run: elapsed[run] / (len(SETS) * n) for run in runs}
+    add_statistics(result)
     if output is not None:
         result.report = str(write_report(result, samples, answers, Path(output), examples))
     return result
@@ -171,7 +233,8 @@ def write_report(result: DemoResult, samples: dict[str, list[Any]], answers: dic
         acc = result.accuracy[demo_set.name]
         best = max(acc.values())
         cells = "".join(
-            f"<td{' class=best' if acc[r] == best else ''}>{100 * acc[r]:.1f}</td>" for r in runs)
+            f"<td{' class=best' if acc[r] == best else ''}>{html.escape(result.cell(demo_set.name, r)[0])}"
+            f"<br><small>{html.escape(result.cell(demo_set.name, r)[1])}</small></td>" for r in runs)
         rows.append(f"<tr><td><b>{demo_set.name}</b><br><small>{html.escape(demo_set.description)}</small></td>{cells}</tr>")
     secs = "".join(f"<td>{1000 * result.seconds[r]:.0f}</td>" for r in runs)
     rows.append(f"<tr><td>ms per answer</td>{secs}</tr>")
@@ -197,11 +260,13 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}} td:first-child{
 border:1px solid #ddd;padding:6px}} .card img{{width:510px}} .ok{{color:green}} .wrong{{color:#c00}}</style></head>
 <body><h1>innersight demo &mdash; {html.escape(result.model)}</h1>
 <p>{result.n} fresh scenes per set (seed {result.seed}), greedy answers of at most 6 tokens.
-Accuracy in percent; the best of each row is highlighted.</p>
+Accuracy in percent with its bootstrap 95% interval (resampling scenes); * marks a difference from
+plain with McNemar p &lt; 0.05 on the same scenes; the best of each row is highlighted.</p>
 <table><tr><th>set</th>{head}</tr>{''.join(rows)}</table>
 <h2>Where the model looks: small symbols</h2>{''.join(cards) or '<p>(vicrop-rel-att not among the methods)</p>'}
 </body></html>"""
     path = out_dir / "report.html"
     path.write_text(page)
     (out_dir / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+    (out_dir / "table.md").write_text(markdown_table(result))
     return path

@@ -579,6 +579,7 @@ def evaluate(
     check_protocol(scorer, plan)
     gen = generation_defaults(chosen, plan, bench.name)
     gen.update(dict(generation or {}))  # the caller's settings win
+    decoding = effective_generation(mllm, plan, gen)
     opts = {k: v for k, v in dict(options or {}).items() if v is not None}
     proc = process or process_info()
 
@@ -641,13 +642,26 @@ def evaluate(
     return finalize(run_dir, bench, split, scorer, chosen, samples, mllm_name=mllm.name, plan=plan,
                     settings=settings, generation=gen, seed=seed, template=template, limit=limit,
                     batch_size=batch_size, world_size=proc.world_size, data=data, options=opts,
-                    wall_seconds=time.time() - started, resumed=resumed)
+                    wall_seconds=time.time() - started, resumed=resumed, decoding=decoding)
+
+
+def effective_generation(mllm: Any, plan: Any, generation: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings ``generate`` receives: ``generation`` with the decoding methods' own overrides
+    (e.g. DAMRO's official preset samples at temperature 1), as recorded in ``results.json``
+    under ``decoding`` so that reports can tell greedy from sampled runs."""
+    out = dict(generation)
+    for method in plan.at("decoding"):
+        overrides = getattr(method, "generation_overrides", None)
+        if overrides is not None:
+            out.update(overrides(mllm, out))
+    return out
 
 
 def finalize(run_dir: Path, bench: Benchmark, split: str, scorer: Scorer, preset: Preset,
              samples: Sequence[Sample], *, mllm_name: str, plan: Any, settings: Any, generation: dict[str, Any],
              seed: int, template: str, limit: int | None, batch_size: int, world_size: int, data: Any,
-             options: Mapping[str, Any], wall_seconds: float, resumed: bool = False) -> dict[str, Any]:
+             options: Mapping[str, Any], wall_seconds: float, resumed: bool = False,
+             decoding: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge the rank files, score, and write ``samples.jsonl`` and ``results.json`` (rank 0)."""
     by_id = collect_rows(run_dir)
     ids = [s["id"] for s in samples]
@@ -680,6 +694,7 @@ def finalize(run_dir: Path, bench: Benchmark, split: str, scorer: Scorer, preset
         "method_configs": plan.configs(),
         "settings": {k: dict(v) for k, v in (settings or {}).items()},
         "generation": generation,
+        "decoding": dict(decoding) if decoding is not None else generation,
         "seed": seed,
         "limit": limit,
         "batch_size": batch_size,

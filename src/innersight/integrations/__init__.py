@@ -18,14 +18,18 @@ from typing import Any
 
 #: the name lmms-eval knows the model by (``--model innersight``)
 LMMS_EVAL_MODEL_ID = "innersight"
-#: the import path of the lmms-eval model class
+#: the import path of the lmms-eval model class (simple model type: context + doc_to_visual)
 LMMS_EVAL_CLASS_PATH = "innersight.integrations.lmms_eval.InnersightLMMS"
+#: the import path of the chat model type (doc_to_messages), which lmms-eval prefers when present
+LMMS_EVAL_CHAT_CLASS_PATH = "innersight.integrations.lmms_eval.InnersightLMMSChat"
 
 
 def lmms_eval_manifest() -> Any:
     """The ``ModelManifest`` lmms-eval registers for ``--model innersight`` (entry point of the
     ``lmms_eval.models`` group). The model class itself is imported only when lmms-eval resolves
-    the name, so listing lmms-eval's models loads neither innersight's models nor torch."""
+    the name, so listing lmms-eval's models loads neither innersight's models nor torch. Both
+    model types are registered: lmms-eval resolves the chat one unless ``--force_simple``."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=LMMS_EVAL_MODEL_ID, simple_class_path=LMMS_EVAL_CLASS_PATH)
+    return ModelManifest(model_id=LMMS_EVAL_MODEL_ID, simple_class_path=LMMS_EVAL_CLASS_PATH,
+                         chat_class_path=LMMS_EVAL_CHAT_CLASS_PATH)

@@ -11,8 +11,14 @@ it is installed without its dependencies, plus the few its model API needs)::
 
     pip install --no-deps lmms-eval==0.7.3 && pip install pytz loguru sqlitedict evaluate
 
+The ``lmms-eval`` command line imports four more (none needs torch)::
+
+    pip install sacrebleu tenacity pytablewriter "filelock<4"
+
 lmms-eval finds this model through the entry point ``innersight`` of the ``lmms_eval.models``
-group (:func:`innersight.integrations.lmms_eval_manifest`). From Python, an instance can be
+group (:func:`innersight.integrations.lmms_eval_manifest`), as both model types: the chat type
+(:class:`InnersightLMMSChat`, ``doc_to_messages`` requests), which lmms-eval resolves by default,
+and the simple type (:class:`InnersightLMMS`, ``--force_simple``). From Python, an instance can be
 passed directly: ``lmms_eval.evaluator.simple_evaluate(model=InnersightLMMS(pretrained=mllm,
 methods="deco"), tasks=["pope"])``.
 
@@ -73,7 +79,7 @@ except ImportError as _exc:  # pragma: no cover - exercised with lmms_eval hidde
         f"Install it without its dependencies so that your torch build is kept: {_INSTALL}"
     ) from _exc
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "InnersightLMMS", "ModelArgs", "generation_settings", "parse_model_args",
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "InnersightLMMS", "InnersightLMMSChat", "ModelArgs", "generation_settings", "parse_model_args",
            "to_lmms_samples", "write_lmms_samples"]
 
 #: answer length when a task's generation_kwargs name none
@@ -328,11 +334,11 @@ class InnersightLMMS(lmms):
                                  f"(text-only tasks are not supported)")
         return flat
 
-    def _groups(self, requests: Sequence[Instance]) -> Iterator[list[int]]:
-        """Request indices grouped by generation settings (order kept), in batches."""
+    def _groups(self, requests: Sequence[Instance], kwargs_at: int = 1) -> Iterator[list[int]]:
+        """Request indices grouped by generation settings (``args[kwargs_at]``; order kept), in batches."""
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
-            gen_kwargs = request.args[1]
+            gen_kwargs = request.args[kwargs_at]
             key = json.dumps(gen_kwargs, sort_keys=True, default=str)
             groups.setdefault(key, []).append(i)
         for indices in groups.values():
@@ -391,6 +397,62 @@ class InnersightLMMS(lmms):
         single-turn methods do not define."""
         raise NotImplementedError("innersight answers single-turn questions; multi-round lmms-eval tasks "
                                   "(generate_until_multi_round) are not supported")
+
+
+class InnersightLMMSChat(InnersightLMMS):
+    """The same model as lmms-eval's *chat* model type (``is_simple = False``), which lmms-eval
+    0.7.3 resolves for ``--model innersight`` by default (``--force_simple`` picks
+    :class:`InnersightLMMS`). Chat requests carry ``(context, doc_to_messages, generation_kwargs,
+    doc_id, task, split)``; the messages of one document must be one user turn (optionally after
+    a system turn, whose text is put before the question) holding its images and text."""
+
+    is_simple = False
+
+    def _chat_turn(self, doc_to_messages: Any, doc_id: Any, task: str, split: str) -> tuple[list[Any], str]:
+        """``(images, text)`` of one chat request's document."""
+        from lmms_eval.protocol import ChatMessages
+
+        try:
+            doc = self.task_dict[task][split][doc_id]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise UserInputError(f"lmms-eval gave no document {doc_id!r} of {task}/{split} in task_dict") from exc
+        raw = doc_to_messages(doc) if callable(doc_to_messages) else doc_to_messages
+        messages = ChatMessages(messages=raw).messages
+        users = [m for m in messages if m.role == "user"]
+        if len(users) != 1 or any(m.role == "assistant" for m in messages):
+            raise UserInputError(f"{task} document {doc_id!r}: innersight answers one user turn, got "
+                                 f"{len(users)} user and {sum(m.role == 'assistant' for m in messages)} assistant turns")
+        images: list[Any] = []
+        texts: list[str] = []
+        for message in messages:
+            for content in message.content:
+                if content.type == "image":
+                    images.append(content.url)
+                elif content.type == "text" and content.text.strip():
+                    texts.append(content.text.strip())
+                elif content.type in ("video", "audio"):
+                    raise UserInputError(f"{task} document {doc_id!r} has {content.type}; innersight answers about images")
+        if not images:
+            raise UserInputError(f"{task} document {doc_id!r} has no image; innersight's methods act on images "
+                                 f"(text-only tasks are not supported)")
+        return images, clean_context("\n".join(texts))
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answers for chat ``generate_until`` requests, in request order."""
+        results: list[str | None] = [None] * len(requests)
+        with _progress(len(requests), self.rank != 0, "innersight responding") as bar:
+            for indices in self._groups(requests, kwargs_at=2):
+                batch = [requests[i].args for i in indices]
+                turns = [self._chat_turn(args[1], args[3], args[4], args[5]) for args in batch]
+                generation, stops = generation_settings(batch[0][2], self.args.max_new_tokens)
+                answers = self.plan.run(self.mllm, [images for images, _ in turns], [text for _, text in turns],
+                                        template=self.template, **generation)
+                for i, args, answer in zip(indices, batch, answers):
+                    text = cut_at_stops(answer.text, stops)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (args[0], args[2]), text)
+                bar.update(len(indices))
+        return [r if r is not None else "" for r in results]
 
 
 def continuation_logprobs(mllm: Any, plan: Plan, images: Sequence[Any], context: str, continuations: Sequence[str],

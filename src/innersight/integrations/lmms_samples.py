@@ -17,7 +17,9 @@ when that fails, or ``samples`` are not given, only the id and question); ``targ
 sample's reference (``label``, ``answer``, ``answers``, ``gt_objects`` or the correct option);
 ``arguments`` = ``[question, generation settings, doc_id, task, split]`` with task
 ``<benchmark>_<split>``; ``resps`` = ``[[prediction]]``, ``filtered_resps`` = ``[prediction]``
-(``""`` for an error row); the scorer's row fields become the metric fields; ``innersight``
+(``""`` for an error row); ``innersight_score`` = the sample's one-number score (see
+:func:`sample_score`; lmms-eval's baseline loader reads it); the scorer's row fields become the
+metric fields; ``innersight``
 keeps the row's id, parsed answer, error, seconds and prompt. Nothing here imports lmms-eval.
 """
 
@@ -35,7 +37,7 @@ from ..errors import InnersightError, UserInputError
 
 #: keys of an lmms-eval sample record that metric fields must not overwrite
 RESERVED = ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "token_counts", "doc_hash", "input",
-            "innersight")
+            "innersight", "innersight_score")
 #: sample fields tried in order for the target
 TARGET_FIELDS = ("label", "answer", "answers", "gt_objects")
 
@@ -98,6 +100,20 @@ def _reload(identity: Mapping[str, Any]) -> list[dict[str, Any]] | None:
         return None
 
 
+def sample_score(score: Mapping[str, Any] | None) -> float | None:
+    """One number per sample, for readers that take one (lmms-eval's baseline loader reads the
+    first field whose name holds ``score``): ``correct`` as 1/0, else the row's graded
+    ``accuracy`` (VQA) or ``anls``; ``None`` for rows without one (CHAIR)."""
+    if not score:
+        return None
+    if isinstance(score.get("correct"), bool):
+        return float(score["correct"])
+    for key in ("accuracy", "anls"):
+        if isinstance(score.get(key), (int, float)) and not isinstance(score.get(key), bool):
+            return float(score[key])
+    return None
+
+
 def task_name(identity: Mapping[str, Any]) -> str:
     """The lmms-eval-style task name of a run: ``<benchmark>_<split>`` (``-`` -> ``_``)."""
     return f"{identity['benchmark']}_{identity['split']}".replace("-", "_")
@@ -139,6 +155,9 @@ def to_lmms_samples(run_dir: str | Path, samples: Sequence[Mapping[str, Any]] | 
             "doc_hash": hashlib.sha256(json.dumps(doc, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
             .hexdigest(),
         }
+        per_sample = sample_score(row.get("score"))
+        if per_sample is not None:  # first key with "score" in its name: what lmms-eval's readers take
+            record["innersight_score"] = per_sample
         for key, value in (row.get("score") or {}).items():
             record[f"score_{key}" if key in RESERVED else key] = value
         record["innersight"] = {"id": row["id"], "parsed": row.get("parsed"), "error": row.get("error"),

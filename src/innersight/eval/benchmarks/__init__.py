@@ -17,6 +17,10 @@ gqa       testdev_balanced_questions.json + images/                     testdev,
 aokvqa    aokvqa_v1p0_val.json + val2017/                               val
 vqav2     v2 questions + annotations (val2014) + val2014/               val
 mme       one folder per subtask (image + txt, or images/ + qa txt)     all, groups, subtask
+amber-g   data/annotations.json, relation.json, safe_words.txt,         generative
+          data/query/query_generative.json + image/
+amber-d   the same with query_discriminative*.json                      all, existence, ...
+hrbench   hr_bench_4k.tsv / hr_bench_8k.tsv (images inline, base64)     4k, 8k
 ========  ===========================================================  ==================
 
 Hosted copies (``--data hf:<repo id or folder>``, read with ``datasets``; see
@@ -30,11 +34,13 @@ Hosted copies (``--data hf:<repo id or folder>``, read with ``datasets``; see
 from __future__ import annotations
 
 from ...errors import UserInputError
+from .amber import AMBERDiscriminative, AMBERGenerative
 from .aokvqa import AOKVQA
 from .base import Benchmark, Preset, Sample
 from .chair import CHAIR
 from .docvqa import DocVQA
 from .gqa import GQA
+from .hrbench import HRBench
 from .micro import BENCHMARKS as MICRO_BENCHMARKS
 from .mme import MME
 from .pope import POPE
@@ -55,7 +61,8 @@ def register_benchmark(benchmark: Benchmark) -> Benchmark:
     return benchmark
 
 
-for _cls in (TextVQA, VStarBench, DocVQA, POPE, CHAIR, GQA, AOKVQA, VQAv2, MME, *MICRO_BENCHMARKS):
+for _cls in (TextVQA, VStarBench, DocVQA, POPE, CHAIR, GQA, AOKVQA, VQAv2, MME, AMBERGenerative, AMBERDiscriminative,
+             HRBench, *MICRO_BENCHMARKS):
     register_benchmark(_cls())
 
 

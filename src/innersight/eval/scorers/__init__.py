@@ -13,6 +13,9 @@ gqa         canonical (exact match), vicrop (label substring of prediction)
 mme         canonical (MME's own parse; acc + acc+, perception / cognition), lmms-eval
 vstar       canonical (option likelihood), letter, vicrop (difflib)
 chair       canonical (official script and table), lemma, tidy
+amber-g     canonical (AMBER CHAIR, Cover, Hal, Cog; no spaCy synonym step)
+amber-d     canonical (exact Yes/No), first_word
+hrbench     canonical (option letter; accuracy averaged over option cycles)
 ==========  ===================================================================
 
 Which paper's table each variant reproduces: ``docs/scorers.md``.
@@ -25,7 +28,7 @@ Which paper's table each variant reproduces: ``docs/scorers.md``.
 
 from __future__ import annotations
 
-from . import anls, chair, gqa, micro, mme, pope, vqa, vstar
+from . import amber, anls, chair, gqa, hrbench, micro, mme, pope, vqa, vstar
 from .base import Scorer
 
 __all__ = ["SCORERS", "Scorer", "get_scorer", "variants"]
@@ -43,7 +46,7 @@ def _registry(*groups: tuple[Scorer, ...]) -> dict[str, Scorer]:
 
 SCORERS: dict[str, Scorer] = _registry(
     vqa.SCORERS, pope.SCORERS, anls.SCORERS, gqa.SCORERS, mme.SCORERS, vstar.SCORERS, chair.SCORERS,
-    micro.SCORERS,
+    micro.SCORERS, amber.SCORERS, hrbench.SCORERS,
 )
 
 
