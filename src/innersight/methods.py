@@ -145,7 +145,11 @@ class Plan:
         **generation: Any,
     ) -> list[Answer]:
         """Input methods change the images, attention methods wrap the generation, decoding
-        methods add logits processors; then generate and decode."""
+        methods add logits processors; then generate and decode.
+
+        A ``logits_processor`` and ``stopping_criteria`` passed in ``generation`` are kept: the
+        decoding methods' processors run first, then the caller's (see :func:`merge_processors`);
+        stopping criteria are handed to ``generate`` unchanged."""
         from .mllm import Answer, load_image_lists
 
         image_lists = load_image_lists(images)
@@ -165,9 +169,8 @@ class Plan:
                 if hasattr(processor, "__enter__"):  # e.g. early-exit hooks, live for this call only
                     stack.enter_context(processor)
             if processors:
-                from transformers import LogitsProcessorList
-
-                generation = {**generation, "logits_processor": LogitsProcessorList(processors)}
+                generation = {**generation,
+                              "logits_processor": merge_processors(processors, generation.get("logits_processor"))}
             ids = mllm.generate(batch, **generation)
         answers = []
         for row, q, p, extra in zip(ids, questions, batch.prompts, extras):
@@ -177,6 +180,29 @@ class Plan:
             answer.details = {"configs": self.configs(), **extra.get("details", {})}
             answers.append(answer)
         return answers
+
+
+def merge_processors(methods: Sequence[Any], user: Any = None) -> Any:
+    """One ``LogitsProcessorList``: the decoding methods' processors, then the caller's.
+
+    Order at each step (transformers' ``generate``): its own processors built from the generation
+    settings (e.g. ``repetition_penalty``, ``min_new_tokens``) on the raw logits; then the methods'
+    processors (DeCo, DoLa, DAMRO, VCD), which need the model's logits as they are; then the
+    caller's ``logits_processor``, in its own order, which sees the methods' scores (so a token it
+    bans or forces stays banned or forced); then the sampling warpers (temperature, top-k, top-p).
+    ``user`` may be None, one processor, or a list of them.
+    """
+    from transformers import LogitsProcessorList
+
+    if user is None:
+        extra: list[Any] = []
+    elif isinstance(user, (list, tuple)):  # LogitsProcessorList is a list
+        extra = list(user)
+    elif callable(user):
+        extra = [user]
+    else:
+        raise MethodError(f"logits_processor must be a processor or a list of them, not {type(user).__name__}")
+    return LogitsProcessorList([*methods, *extra])
 
 
 def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict[str, str]] | None = None) -> Plan:
