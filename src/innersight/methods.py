@@ -37,7 +37,8 @@ class MethodSpec:
     source: str = ""
     #: ``module:attribute`` of the frozen config dataclass (defaults = the paper's values)
     config: str = ""
-    #: the name used in ``--set KEY.field=value`` (shared by the variants of one method)
+    #: a second name accepted in ``--set KEY.field=value`` beside the method's own (shared by the
+    #: variants of one method, e.g. ``vicrop``)
     key: str = ""
     #: config fields this method name fixes (e.g. ``{"variant": "rel-att"}``)
     preset: tuple[tuple[str, Any], ...] = ()
@@ -54,8 +55,15 @@ class MethodSpec:
             return impl()
         cls = _import(self.config)
         values: dict[str, Any] = dict(self.preset)
-        values.update(parse_overrides(cls, overrides or {}, self.key or self.name))
-        return impl(cls(**values))
+        values.update(parse_overrides(cls, overrides or {}, self.name))
+        config = cls(**values)
+        for field_name, fixed in self.preset:  # the method's name fixes these: one name, one behaviour
+            if getattr(config, field_name) != fixed:
+                others = [s.name for s in METHODS.values() if s.key == self.key and s is not self]
+                hint = f"; choose another method ({', '.join(others)})" if others else ""
+                raise MethodError(f"{self.name} fixes {field_name}={fixed!r}, it cannot be set to "
+                                  f"{getattr(config, field_name)!r}{hint}")
+        return impl(config)
 
 
 def _import(target: str) -> Any:
@@ -122,6 +130,8 @@ class Plan:
 
     specs: tuple[MethodSpec, ...] = ()
     objects: tuple[Any, ...] = ()
+    #: the caller's config overrides, keyed by method name (whichever key named them)
+    settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -208,7 +218,8 @@ def merge_processors(methods: Sequence[Any], user: Any = None) -> Any:
 def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict[str, str]] | None = None) -> Plan:
     """Validate method names and place them; a clear error for unknown names or clashes.
 
-    ``overrides`` maps a method key (``vicrop``, ``deco``...) to ``field -> value`` texts.
+    ``overrides`` maps a method's name (``vicrop-rel-att``, ``deco``...) or the key its variants
+    share (``vicrop``) to ``field -> value`` texts; the plan keeps them under the method's name.
     """
     if names is None:
         return Plan()
@@ -229,14 +240,42 @@ def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict
                 f"methods {', '.join(same)} all act at the {point} point and no combination of them is "
                 f"defined; choose one (methods at different points compose: input x attention x decoding)"
             )
-    overrides = dict(overrides or {})
-    objects = []
+    settings = settings_by_name(specs, overrides or {})
+    objects = tuple(spec.build(settings.get(spec.name)) for spec in specs)
+    return Plan(tuple(specs), objects, settings)
+
+
+def settings_by_name(specs: Sequence[MethodSpec], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Overrides keyed by a method's name or its shared key -> keyed by the chosen method's name.
+
+    A field given under both names with different values is an error; a key that names no chosen
+    method is an error that lists what may be set.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
     for spec in specs:
-        key = spec.key or spec.name
-        objects.append(spec.build(overrides.pop(key, None) if key in overrides else None))
-    if overrides:
-        raise MethodError(f"--set names {', '.join(sorted(overrides))} but no such method was chosen")
-    return Plan(tuple(specs), tuple(objects))
+        fields: dict[str, Any] = {}
+        for key in dict.fromkeys((spec.key or spec.name, spec.name)):
+            for field_name, value in dict(overrides.get(key) or {}).items():
+                if field_name in fields and fields[field_name] != value:
+                    raise MethodError(f"{spec.name}.{field_name} is set twice ({fields[field_name]!r} and {value!r}) "
+                                      f"under the names {spec.key!r} and {spec.name!r}")
+                fields[field_name] = value
+            if key in overrides:
+                used.add(key)
+        if fields:
+            out[spec.name] = fields
+    unused = sorted(set(overrides) - used)
+    if unused:
+        def names(spec: MethodSpec) -> str:
+            return spec.name if spec.key in ("", spec.name) else f"{spec.name} (or {spec.key})"
+
+        chosen = ", ".join(names(s) for s in specs) or "none"
+        bad = ", ".join(unused)
+        if all(u not in METHODS and all(u != s.key for s in METHODS.values()) for u in unused):
+            raise MethodError(f"--set names {bad}, which is no method; methods chosen: {chosen}")
+        raise MethodError(f"--set names {bad} but no such method was chosen; methods chosen: {chosen}")
+    return out
 
 
 # ---------------------------------------------------------------------- the registry

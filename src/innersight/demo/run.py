@@ -145,7 +145,7 @@ def _example_figure(sample: Any, vicrop_answer: Any) -> Any:
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.3))
-    region = tuple(vicrop_answer.details["vicrop"]["map_region"])
+    region = tuple(vicrop_answer.details["vicrop-rel-att"]["map_region"])
     draw_map(axes[0], sample.image, vicrop_answer.maps["importance"], region, box=vicrop_answer.box,
              title="rel-att map, chosen box (white), target (green)")
     if sample.meta.get("box"):

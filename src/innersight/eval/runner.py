@@ -653,7 +653,7 @@ def finalize(run_dir: Path, bench: Benchmark, split: str, scorer: Scorer, preset
         "model": mllm_name,
         "methods": list(plan.names),
         "method_configs": plan.configs(),
-        "settings": {k: dict(v) for k, v in (settings or {}).items()},
+        "settings": {k: dict(v) for k, v in plan.settings.items()},  # keyed by method name
         "generation": generation,
         "seed": seed,
         "limit": limit,
