@@ -69,6 +69,7 @@ from .common import (
     figure_title,
     is_micro_world,
     mean,
+    percent,
     progress,
     require_field,
 )
@@ -390,7 +391,7 @@ def measure_early_exit(
     numbers = {
         "summary": {
             "samples": len(curves),
-            "accuracy": sum(c.correct for c in curves) / len(curves),
+            "accuracy": percent(sum(c.correct for c in curves) / len(curves)),  # percent
             "wrong": deco["wrong"],
             "recoverable_share_of_wrong": deco["share_of_wrong"],
             "peak_right_layer_when_wrong": deco["peak_right_layer_when_wrong"],
