@@ -60,7 +60,7 @@ def normalise(values: np.ndarray) -> np.ndarray:
 MAP_CMAP = "inferno"
 MAP_LABEL = "importance (0 = map's min, 1 = its max)"
 #: spotlight: brightness of the image where the map is at its minimum (1 where at its maximum)
-SPOTLIGHT_FLOOR = 0.3
+SPOTLIGHT_FLOOR = 0.4
 
 
 def _draw_boxes(ax: Any, region: Box, box: Box | None) -> None:
