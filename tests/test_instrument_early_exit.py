@@ -153,7 +153,7 @@ def test_early_exit_instrument_on_every_family(tiny_mllm, family, tmp_path):
     tok = mllm.adapter.tokenizer
     right = [tok.convert_tokens_to_ids(w) for w in ("yes", "no", "7")]
     correct = [bool(own[b].argmax() == right[b]) for b in range(3)]
-    assert numbers["summary"]["accuracy"] == pytest.approx(sum(correct) / 3)
+    assert numbers["summary"]["accuracy"] == pytest.approx(100 * sum(correct) / 3)  # percent
     assert [s["correct"] for s in numbers["samples"]] == correct
     # the last layer's right-token probability is the model's own next-token probability
     for b, s in enumerate(numbers["samples"]):

@@ -65,9 +65,9 @@ def test_planted_dimension_found_at_its_layer_only():
     features[:, 2, 7] = torch.where(labels, 2.0, -2.0) + 0.3 * torch.randn(n, generator=gen)
     train, test = pr.split_halves(labels, seed=0)
     train_acc, test_acc = pr.fit_layer_probes(features, labels, train, test)
-    assert test_acc[2] >= 0.95
+    assert test_acc[2] >= 95.0  # percent
     for layer in (0, 1, 3):
-        assert abs(test_acc[layer] - 0.5) <= 0.15, (layer, test_acc)
+        assert abs(test_acc[layer] - 50.0) <= 15.0, (layer, test_acc)
         assert train_acc[layer] > test_acc[layer]  # noise is only memorised, not learned
 
 
@@ -99,7 +99,7 @@ def test_probe_logits_and_accuracy_by_hand():
     x = torch.tensor([[3.0, 1.0], [1.0, 3.0], [1.0, 1.0], [-3.0, 1.0]])  # z: [1,0], [0,1], [0,0], [-2,0]
     torch.testing.assert_close(probe.logits(x), torch.tensor([1.5, -0.5, 0.5, -1.5], dtype=torch.float64))
     # predictions yes, no, yes, no: three of four labels agree
-    assert probe.accuracy(x, torch.tensor([True, False, False, False])) == 0.75
+    assert probe.accuracy(x, torch.tensor([True, False, False, False])) == 75.0  # percent
 
 
 # ---------------------------------------------------------------------------------- tiny models
@@ -117,18 +117,18 @@ def test_planted_question_word_on_tiny_models(tiny_mllm, family, tmp_path):
     n = result.numbers
     assert n["layers"] == list(range(depth + 1)) and n["n_train"] == 8 and n["n_test"] == 8
     # the last prompt token's embedding is the same for every sample: exactly chance (balanced test half)
-    assert n["test_accuracy"][0] == 0.5
+    assert n["test_accuracy"][0] == 50.0
     # after one block the last position has attended to the question word: separable
-    assert n["test_accuracy"][1:] == [1.0] * depth and n["train_accuracy"][1:] == [1.0] * depth
+    assert n["test_accuracy"][1:] == [100.0] * depth and n["train_accuracy"][1:] == [100.0] * depth
     assert n["summary"]["best_layer"] == 1
     # the model's own answer: yes when p(yes) > p(no) at the last position, by hand
     tok = mllm.adapter.tokenizer
     probs = torch.softmax(plain.logits[:, -1].float(), -1)
     says_yes = probs[:, tok.convert_tokens_to_ids("yes")] > probs[:, tok.convert_tokens_to_ids("no")]
     labels = torch.tensor([s["label"] == "yes" for s in samples])
-    assert n["model_accuracy_all"] == pytest.approx(float((says_yes == labels).double().mean()))
+    assert n["model_accuracy_all"] == pytest.approx(100 * float((says_yes == labels).double().mean()))
     test_idx = [int(i[1:]) for i in n["test_ids"]]
-    assert n["model_accuracy_test"] == pytest.approx(float((says_yes == labels)[test_idx].double().mean()))
+    assert n["model_accuracy_test"] == pytest.approx(100 * float((says_yes == labels)[test_idx].double().mean()))
     # the states the probe read are output_hidden_states at the last position (the last before the norm)
     states = pr.collect_states(mllm, samples, batch_size=16)
     for i in range(depth):
@@ -140,7 +140,7 @@ def test_planted_question_word_on_tiny_models(tiny_mllm, family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(mllm.model(**batch.inputs).logits, plain.logits)
     json_path, png_path = write_measurement(result, tmp_path)
-    assert json.loads(json_path.read_text())["numbers"]["test_accuracy"][0] == 0.5
+    assert json.loads(json_path.read_text())["numbers"]["test_accuracy"][0] == 50.0
     assert png_path.stat().st_size > 0
 
 

@@ -246,6 +246,9 @@ def test_zero_sinks_in_a_random_model(llava):
     assert numbers["per_layer"]["sink_share"] == [0.0] * 4
     assert numbers["masking"]["changed"] == {"sinks": 0.0, "random": 0.0}
     assert numbers["masking"]["samples_with_visual_sinks"] == 0
+    for key in ("plain", "sinks", "random"):  # accuracy in percent, as in every instrument
+        scores = [row["scores"][key] for row in numbers["per_sample"]]
+        assert numbers["masking"]["accuracy"][key] == pytest.approx(100 * sum(scores) / len(scores))
     assert "no sink dimensions" in numbers["summary"]["note"]
     assert result.figure is not None
 

@@ -194,7 +194,7 @@ def explain(
     plain = mllm.answer(picture, question, template=template, max_new_tokens=max_new_tokens)
     cropped = mllm.answer(picture, question, methods=[name], settings=settings, template=template,
                           max_new_tokens=max_new_tokens)
-    region = tuple(cropped.details["vicrop"]["map_region"])
+    region = tuple(cropped.details[name]["map_region"])
     explain_figure(picture, cropped.maps["importance"], region, cropped.box, cropped.crop, question=question,
                    answers=[("without crop", plain.text), (f"with {name}", cropped.text)], method=name,
                    model=model, path=output)
@@ -442,7 +442,8 @@ def list_(as_json: JsonOpt = False) -> None:
         "models": [{"family": k, "name": v} for k, v in FAMILY_NAMES.items()]
         + [{"family": "llava", "name": "micro (bundled, offline)"}],
         "methods": [
-            {"name": s.name, "point": s.point, "summary": s.summary, "source": s.source} for s in METHODS.values()
+            {"name": s.name, "set_names": list(dict.fromkeys((s.name, s.key or s.name))), "point": s.point,
+             "summary": s.summary, "source": s.source} for s in METHODS.values()
         ],
         "benchmarks": [{**b.describe(), "scorer_variants": variants(b.scorer)} for b in BENCHMARKS.values()],
         "instruments": describe_instruments(),
@@ -461,10 +462,14 @@ def list_(as_json: JsonOpt = False) -> None:
         models.add_row(m["family"], m["name"])
     console.print(models)
     methods = Table(title="Methods")
-    for col in ("name", "point", "summary", "source"):
+    widest = max((len(m["name"]) for m in data["methods"]), default=4)
+    methods.add_column("name (--set NAME.field=v)", min_width=widest)  # names never cut
+    for col in ("point", "summary", "source"):
         methods.add_column(col)
     for m in data["methods"]:
-        methods.add_row(m["name"], m["point"], m["summary"], m["source"])
+        also = [n for n in m["set_names"] if n != m["name"]]
+        shown = m["name"] + "".join(f"\nor {n}" for n in also)
+        methods.add_row(shown, m["point"], m["summary"], m["source"])
     if not data["methods"]:
         console.print("Methods: none in this version yet.")
     else:

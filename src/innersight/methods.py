@@ -37,7 +37,8 @@ class MethodSpec:
     source: str = ""
     #: ``module:attribute`` of the frozen config dataclass (defaults = the paper's values)
     config: str = ""
-    #: the name used in ``--set KEY.field=value`` (shared by the variants of one method)
+    #: a second name accepted in ``--set KEY.field=value`` beside the method's own (shared by the
+    #: variants of one method, e.g. ``vicrop``)
     key: str = ""
     #: config fields this method name fixes (e.g. ``{"variant": "rel-att"}``)
     preset: tuple[tuple[str, Any], ...] = ()
@@ -54,8 +55,15 @@ class MethodSpec:
             return impl()
         cls = _import(self.config)
         values: dict[str, Any] = dict(self.preset)
-        values.update(parse_overrides(cls, overrides or {}, self.key or self.name))
-        return impl(cls(**values))
+        values.update(parse_overrides(cls, overrides or {}, self.name))
+        config = cls(**values)
+        for field_name, fixed in self.preset:  # the method's name fixes these: one name, one behaviour
+            if getattr(config, field_name) != fixed:
+                others = [s.name for s in METHODS.values() if s.key == self.key and s is not self]
+                hint = f"; choose another method ({', '.join(others)})" if others else ""
+                raise MethodError(f"{self.name} fixes {field_name}={fixed!r}, it cannot be set to "
+                                  f"{getattr(config, field_name)!r}{hint}")
+        return impl(config)
 
 
 def _import(target: str) -> Any:
@@ -122,6 +130,8 @@ class Plan:
 
     specs: tuple[MethodSpec, ...] = ()
     objects: tuple[Any, ...] = ()
+    #: the caller's config overrides, keyed by method name (whichever key named them)
+    settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -145,7 +155,11 @@ class Plan:
         **generation: Any,
     ) -> list[Answer]:
         """Input methods change the images, attention methods wrap the generation, decoding
-        methods add logits processors; then generate and decode."""
+        methods add logits processors; then generate and decode.
+
+        A ``logits_processor`` and ``stopping_criteria`` passed in ``generation`` are kept: the
+        decoding methods' processors run first, then the caller's (see :func:`merge_processors`);
+        stopping criteria are handed to ``generate`` unchanged."""
         from .mllm import Answer, load_image_lists
 
         image_lists = load_image_lists(images)
@@ -165,9 +179,8 @@ class Plan:
                 if hasattr(processor, "__enter__"):  # e.g. early-exit hooks, live for this call only
                     stack.enter_context(processor)
             if processors:
-                from transformers import LogitsProcessorList
-
-                generation = {**generation, "logits_processor": LogitsProcessorList(processors)}
+                generation = {**generation,
+                              "logits_processor": merge_processors(processors, generation.get("logits_processor"))}
             ids = mllm.generate(batch, **generation)
         # what the decoding processors report of this call (e.g. which negative branch ran)
         call_details: dict[str, Any] = {}
@@ -185,10 +198,34 @@ class Plan:
         return answers
 
 
+def merge_processors(methods: Sequence[Any], user: Any = None) -> Any:
+    """One ``LogitsProcessorList``: the decoding methods' processors, then the caller's.
+
+    Order at each step (transformers' ``generate``): its own processors built from the generation
+    settings (e.g. ``repetition_penalty``, ``min_new_tokens``) on the raw logits; then the methods'
+    processors (DeCo, DoLa, DAMRO, VCD), which need the model's logits as they are; then the
+    caller's ``logits_processor``, in its own order, which sees the methods' scores (so a token it
+    bans or forces stays banned or forced); then the sampling warpers (temperature, top-k, top-p).
+    ``user`` may be None, one processor, or a list of them.
+    """
+    from transformers import LogitsProcessorList
+
+    if user is None:
+        extra: list[Any] = []
+    elif isinstance(user, (list, tuple)):  # LogitsProcessorList is a list
+        extra = list(user)
+    elif callable(user):
+        extra = [user]
+    else:
+        raise MethodError(f"logits_processor must be a processor or a list of them, not {type(user).__name__}")
+    return LogitsProcessorList([*methods, *extra])
+
+
 def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict[str, str]] | None = None) -> Plan:
     """Validate method names and place them; a clear error for unknown names or clashes.
 
-    ``overrides`` maps a method key (``vicrop``, ``deco``...) to ``field -> value`` texts.
+    ``overrides`` maps a method's name (``vicrop-rel-att``, ``deco``...) or the key its variants
+    share (``vicrop``) to ``field -> value`` texts; the plan keeps them under the method's name.
     """
     if names is None:
         return Plan()
@@ -209,14 +246,42 @@ def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict
                 f"methods {', '.join(same)} all act at the {point} point and no combination of them is "
                 f"defined; choose one (methods at different points compose: input x attention x decoding)"
             )
-    overrides = dict(overrides or {})
-    objects = []
+    settings = settings_by_name(specs, overrides or {})
+    objects = tuple(spec.build(settings.get(spec.name)) for spec in specs)
+    return Plan(tuple(specs), objects, settings)
+
+
+def settings_by_name(specs: Sequence[MethodSpec], overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Overrides keyed by a method's name or its shared key -> keyed by the chosen method's name.
+
+    A field given under both names with different values is an error; a key that names no chosen
+    method is an error that lists what may be set.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
     for spec in specs:
-        key = spec.key or spec.name
-        objects.append(spec.build(overrides.pop(key, None) if key in overrides else None))
-    if overrides:
-        raise MethodError(f"--set names {', '.join(sorted(overrides))} but no such method was chosen")
-    return Plan(tuple(specs), tuple(objects))
+        fields: dict[str, Any] = {}
+        for key in dict.fromkeys((spec.key or spec.name, spec.name)):
+            for field_name, value in dict(overrides.get(key) or {}).items():
+                if field_name in fields and fields[field_name] != value:
+                    raise MethodError(f"{spec.name}.{field_name} is set twice ({fields[field_name]!r} and {value!r}) "
+                                      f"under the names {spec.key!r} and {spec.name!r}")
+                fields[field_name] = value
+            if key in overrides:
+                used.add(key)
+        if fields:
+            out[spec.name] = fields
+    unused = sorted(set(overrides) - used)
+    if unused:
+        def names(spec: MethodSpec) -> str:
+            return spec.name if spec.key in ("", spec.name) else f"{spec.name} (or {spec.key})"
+
+        chosen = ", ".join(names(s) for s in specs) or "none"
+        bad = ", ".join(unused)
+        if all(u not in METHODS and all(u != s.key for s in METHODS.values()) for u in unused):
+            raise MethodError(f"--set names {bad}, which is no method; methods chosen: {chosen}")
+        raise MethodError(f"--set names {bad} but no such method was chosen; methods chosen: {chosen}")
+    return out
 
 
 # ---------------------------------------------------------------------- the registry

@@ -158,7 +158,8 @@ class MLLM:
         """Answer many questions, ``batch_size`` at a time (left padding; same answers as one by one).
 
         ``methods`` are registered method names (``innersight list``); ``settings`` overrides
-        their config fields, e.g. ``{"vicrop": {"layer": 10}}``.
+        their config fields by method name, e.g. ``{"vicrop-rel-att": {"layer": 10}}`` (the key
+        ``vicrop`` shared by the ViCrop variants works too; ``innersight list`` shows both).
         """
         from .methods import resolve_methods
 

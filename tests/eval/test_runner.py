@@ -230,6 +230,65 @@ def test_sigkill_mid_run_then_resume(mllm, pope, model_dir, tmp_path):
     assert resumed["metrics"] == reference["metrics"] and resumed["counts"] == reference["counts"]
 
 
+# ---------------------------------------------------------------------- one writer per run folder
+
+
+def test_run_lock_refuses_a_second_holder_of_the_same_rank(tmp_path):
+    from innersight.eval.lock import RunBusyError, RunLock
+
+    run_dir = tmp_path / "run"
+    with RunLock(run_dir, 0):
+        with pytest.raises(RunBusyError, match=rf"being written by another innersight eval \(pid {os.getpid()} on "):
+            with RunLock(run_dir, 0):
+                pass
+        with RunLock(run_dir, 1):  # another rank of the same run: its own file, its own lock
+            pass
+    assert not (run_dir / ".rank0.owner.json").exists()
+    with RunLock(run_dir, 0):  # released: free again
+        pass
+
+
+SLOW_EVAL = """
+import sys, time, innersight
+from innersight.eval.runner import evaluate
+mllm = innersight.load(sys.argv[1], device="cpu")
+evaluate(mllm, "pope", sys.argv[2], "random", [], None, sys.argv[3], 40, 1, 0, {"max_new_tokens": 4},
+         progress=False, after_batch=lambda rows: time.sleep(0.25))
+"""
+
+
+def test_a_second_eval_on_the_same_folder_is_refused_naming_the_first(mllm, pope, model_dir, tmp_path):
+    """Two processes on one run folder: the second stops at once with one line naming the first's
+    pid; the first finishes with every sample exactly once; afterwards the folder resumes."""
+    run_dir = tmp_path / "run"
+    rank_file = run_dir / "samples.rank0.jsonl"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_EVAL, str(model_dir), str(pope), str(run_dir)], env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None and not (
+                rank_file.exists() and rank_file.read_bytes().count(b"\n") >= 1):
+            time.sleep(0.01)
+        assert first.poll() is None, first.stderr.read().decode()[-2000:] if first.stderr else ""
+        second = subprocess.run([sys.executable, "-m", "innersight", "eval", "--benchmark", "pope", "--data", str(pope),
+                                 "--model", str(model_dir), "-o", str(run_dir), "--batch-size", "1",
+                                 "--max-new-tokens", "4", "--limit", "40", "--json"],
+                                env=ENV, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # the refusal came while the first was still running
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0, first.stderr.read().decode()[-2000:] if first.stderr else ""
+    assert second.returncode == 2 and second.stdout == ""
+    assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+    assert f"being written by another innersight eval (pid {first.pid} on " in second.stderr
+    ids = [r["id"] for r in read_rows(rank_file)[0]]
+    assert sorted(ids, key=int) == [str(i) for i in range(1, 41)]  # each sample once: no second writer
+    again = json.loads(_cli(["eval", "--benchmark", "pope", "--data", str(pope), "--model", str(model_dir),
+                             "-o", str(run_dir), "--batch-size", "1", "--max-new-tokens", "4", "--limit", "40",
+                             "--json"]))
+    assert again["resumed"] is True and len(read_rows(rank_file)[0]) == 40
+
+
 def _cli(args: list[str]) -> str:
     """Run the CLI in this process; return stdout (exit code must be 0)."""
     import contextlib

@@ -339,7 +339,7 @@ def test_high_res_stitched_map_equals_each_tile_mapped_alone(tiny_mllm):
         np.testing.assert_allclose(raw["generic"][:, 4 * col:4 * (col + 1)], alone_raw["generic"], rtol=1e-4)
     answer = mllm.answer(image, "what is the digit?", methods=["vicrop-rel-att"],
                          settings={"vicrop": {"tile_max_side": "64", "layer": "1"}}, max_new_tokens=2)
-    assert answer.details["vicrop"]["tiles"] == [1, 3]
+    assert answer.details["vicrop-rel-att"]["tiles"] == [1, 3]
     assert answer.maps["importance"].shape == (4, 12)
 
 

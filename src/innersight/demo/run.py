@@ -206,10 +206,10 @@ def _example_figure(sample: Any, vicrop_answer: Any) -> Any:
     from ..viz import _pyplot, draw_map
 
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.3))
-    region = tuple(vicrop_answer.details["vicrop"]["map_region"])
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.3), gridspec_kw={"width_ratios": [1.25, 1]})
+    region = tuple(vicrop_answer.details["vicrop-rel-att"]["map_region"])
     draw_map(axes[0], sample.image, vicrop_answer.maps["importance"], region, box=vicrop_answer.box,
-             title="rel-att map, chosen box (white), target (green)")
+             title="rel-att: dimmed where the map is low\nchosen box (white), target (green)")
     if sample.meta.get("box"):
         x0, y0, x1, y1 = sample.meta["box"]
         axes[0].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1.5))

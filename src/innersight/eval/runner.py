@@ -24,6 +24,11 @@ whose configuration differs from ``config.json`` (model, methods and their confi
 split, data, preset, template, scorer, generation settings, seed) is refused; ``limit``,
 ``batch_size`` and the number of processes may change between runs.
 
+One writer. Each process holds a lock on its rank of the run folder for the whole run
+(:mod:`innersight.eval.lock`); a second ``eval`` on the same folder is refused at once with a line
+naming the holder's pid, instead of redoing the same samples beside it. The processes of one
+``torchrun`` / ``accelerate launch`` run have different ranks and share the folder as before.
+
 Errors. A sample whose image cannot be loaded becomes an error row. A batch that raises is
 retried one sample at a time, so one bad sample does not take the others down; what still
 fails becomes an error row, and the run goes on. If the first :data:`ABORT_AFTER` samples that
@@ -57,6 +62,7 @@ from ..errors import ImageError, InnersightError, MethodError, UserInputError
 from .benchmarks import Benchmark, get_benchmark
 from .benchmarks.base import Preset, Sample
 from .benchmarks.hub import data_identity
+from .lock import RunLock
 from .scorers import Scorer, get_scorer
 
 ABORT_AFTER = 3
@@ -600,49 +606,50 @@ def evaluate(
     started = time.time()
     if run_dir.exists() and not run_dir.is_dir():
         raise UserInputError(f"--output {str(run_dir)!r} is a file, not a folder")
-    resumed = check_config(run_dir, identity)
-    if proc.is_main and not resumed:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / CONFIG, {"identity": identity, "created": _now(),
-                                             "innersight": library_versions()["innersight"]})
-    done = done_ids(run_dir, retry_errors=retry_errors)
-    proc.barrier()
+    with RunLock(run_dir, proc.rank):  # one writer per rank file; a second process is refused, naming the first
+        resumed = check_config(run_dir, identity)
+        if proc.is_main and not resumed:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(run_dir / CONFIG, {"identity": identity, "created": _now(),
+                                                 "innersight": library_versions()["innersight"]})
+        done = done_ids(run_dir, retry_errors=retry_errors)
+        proc.barrier()
 
-    pending = [i for i in shard(len(samples), proc.rank, proc.world_size) if samples[i]["id"] not in done]
-    _seed_everything(seed)
-    evaluator = _Evaluator(mllm, plan, scorer, template, gen, proc.rank)
-    written = 0
-    held: list[Row] = []  # model failures before any success: kept back until the run proves sound
-    try:
-        with RowWriter(run_dir / f"samples.rank{proc.rank}.jsonl") as writer, \
-                _progress(progress and proc.is_main, len(pending), f"{bench.name} {split}") as advance:
-            for start in range(0, len(pending), batch_size):
-                jobs = [_Job(i, samples[i], *rendered[i]) for i in pending[start : start + batch_size]]
-                ready, rows = evaluator.load_images(jobs)
-                rows += evaluator.predict(ready)
-                rows.sort(key=lambda r: r["index"])
-                advance(len(rows))
-                if evaluator.model_successes == 0 and evaluator.model_calls > 0:
-                    held.extend(rows)
-                    continue
-                rows, held = held + rows, []
-                writer.write(rows)
-                written += len(rows)
-                if after_batch is not None:
-                    after_batch(rows)
-            if held:  # fewer failures than ABORT_AFTER and no success: they are error rows after all
-                writer.write(held)
-                written += len(held)
-                if after_batch is not None:
-                    after_batch(held)
-    finally:
-        proc.barrier()  # every rank reaches it, also after an error, so rank 0 never waits forever
-    if not proc.is_main:
-        return {"rank": proc.rank, "written": written}
-    return finalize(run_dir, bench, split, scorer, chosen, samples, mllm_name=mllm.name, plan=plan,
-                    settings=settings, generation=gen, seed=seed, template=template, limit=limit,
-                    batch_size=batch_size, world_size=proc.world_size, data=data, options=opts,
-                    wall_seconds=time.time() - started, resumed=resumed, decoding=decoding)
+        pending = [i for i in shard(len(samples), proc.rank, proc.world_size) if samples[i]["id"] not in done]
+        _seed_everything(seed)
+        evaluator = _Evaluator(mllm, plan, scorer, template, gen, proc.rank)
+        written = 0
+        held: list[Row] = []  # model failures before any success: kept back until the run proves sound
+        try:
+            with RowWriter(run_dir / f"samples.rank{proc.rank}.jsonl") as writer, \
+                    _progress(progress and proc.is_main, len(pending), f"{bench.name} {split}") as advance:
+                for start in range(0, len(pending), batch_size):
+                    jobs = [_Job(i, samples[i], *rendered[i]) for i in pending[start : start + batch_size]]
+                    ready, rows = evaluator.load_images(jobs)
+                    rows += evaluator.predict(ready)
+                    rows.sort(key=lambda r: r["index"])
+                    advance(len(rows))
+                    if evaluator.model_successes == 0 and evaluator.model_calls > 0:
+                        held.extend(rows)
+                        continue
+                    rows, held = held + rows, []
+                    writer.write(rows)
+                    written += len(rows)
+                    if after_batch is not None:
+                        after_batch(rows)
+                if held:  # fewer failures than ABORT_AFTER and no success: they are error rows after all
+                    writer.write(held)
+                    written += len(held)
+                    if after_batch is not None:
+                        after_batch(held)
+        finally:
+            proc.barrier()  # every rank reaches it, also after an error, so rank 0 never waits forever
+        if not proc.is_main:
+            return {"rank": proc.rank, "written": written}
+        return finalize(run_dir, bench, split, scorer, chosen, samples, mllm_name=mllm.name, plan=plan,
+                        settings=settings, generation=gen, seed=seed, template=template, limit=limit,
+                        batch_size=batch_size, world_size=proc.world_size, data=data, options=opts,
+                        wall_seconds=time.time() - started, resumed=resumed, decoding=decoding)
 
 
 def effective_generation(mllm: Any, plan: Any, generation: Mapping[str, Any]) -> dict[str, Any]:
@@ -692,7 +699,7 @@ def finalize(run_dir: Path, bench: Benchmark, split: str, scorer: Scorer, preset
         "model": mllm_name,
         "methods": list(plan.names),
         "method_configs": plan.configs(),
-        "settings": {k: dict(v) for k, v in (settings or {}).items()},
+        "settings": {k: dict(v) for k, v in plan.settings.items()},  # keyed by method name
         "generation": generation,
         "decoding": dict(decoding) if decoding is not None else generation,
         "seed": seed,

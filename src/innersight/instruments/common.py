@@ -278,6 +278,12 @@ def progress(total: int, description: str, show: bool = True) -> Iterator[Callab
         yield lambda n=1: bar.advance(task, n)
 
 
+def percent(share: float) -> float:
+    """A share in [0, 1] (accuracy, answers changed) in percent, the one unit every instrument
+    reports accuracy in (NaN stays NaN)."""
+    return 100.0 * float(share)
+
+
 def mean(values: Iterable[float]) -> float:
     """Mean of the finite values (``nan`` when there are none)."""
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]

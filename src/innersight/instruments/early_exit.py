@@ -69,6 +69,7 @@ from .common import (
     figure_title,
     is_micro_world,
     mean,
+    percent,
     progress,
     require_field,
 )
@@ -327,14 +328,14 @@ def _draw_curves(summary: dict[str, Any], model_name: str, n: int) -> Any:
         if g["n_hallucinated"]:
             ax_p.plot(layers, g["p_hallucinated"], color=colours[group], linestyle="--", marker="x", markersize=4,
                       label=f"answer {group} (n={g['n_hallucinated']}): hallucinated token")
-        ax_top.plot(layers, g["right_top1_share"], color=colours[group], marker="o", markersize=3,
+        ax_top.plot(layers, [percent(v) for v in g["right_top1_share"]], color=colours[group], marker="o", markersize=3,
                     label=f"answer {group} (n={g['n']})")
     from matplotlib.ticker import MaxNLocator
 
     highest = max([v for g in summary["groups"].values() for key in ("p_right", "p_hallucinated")
                    for v in g[key] if v == v] or [1.0])
     ax_p.set_ylim(0.0, min(1.02, max(0.05, 1.15 * highest)))
-    ax_top.set_ylim(-0.02, 1.02)
+    ax_top.set_ylim(-2, 102)
     for ax in (ax_p, ax_top):
         ax.set_xlabel("decoder layer (block output, 1-based) read through final norm + LM head")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -343,7 +344,7 @@ def _draw_curves(summary: dict[str, Any], model_name: str, n: int) -> Any:
             ax.legend(fontsize=8)
     ax_p.set_ylabel("mean next-token probability")
     ax_p.set_title("probability of the right (solid) and hallucinated (dashed) token")
-    ax_top.set_ylabel("share of samples")
+    ax_top.set_ylabel("% of samples (early-exit accuracy)")
     deco = summary["deco"]
     share = deco["share_of_wrong"]
     note = f"{100 * share:.0f}%" if share == share else "n/a"
@@ -390,7 +391,7 @@ def measure_early_exit(
     numbers = {
         "summary": {
             "samples": len(curves),
-            "accuracy": sum(c.correct for c in curves) / len(curves),
+            "accuracy": percent(sum(c.correct for c in curves) / len(curves)),  # percent
             "wrong": deco["wrong"],
             "recoverable_share_of_wrong": deco["share_of_wrong"],
             "peak_right_layer_when_wrong": deco["peak_right_layer_when_wrong"],

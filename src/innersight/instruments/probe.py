@@ -23,8 +23,8 @@ answer hallucinates. This instrument repeats that on yes/no samples (default ben
    regularised. No scikit-learn.
 4. **Scores.** Train and test accuracy per layer (prediction ``yes`` when ``p >= 0.5``), the
    best layer, and the model's own answer accuracy on the test half (and on all samples) for
-   comparison; the figure draws test accuracy against the layer with the model's accuracy and
-   the 0.5 chance line.
+   comparison, all in percent; the figure draws test accuracy against the layer with the model's
+   accuracy and the 50 % chance line.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserInputError
 from . import Instrument, Option, register
-from .common import Measurement, Sample, batches, check_samples, figure_title, progress
+from .common import Measurement, Sample, batches, check_samples, figure_title, percent, progress
 from .early_exit import SOURCE, answer_token_ids, last_position_pass, questions_of, yes_no_label
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,8 +133,8 @@ class LinearProbe:
         return z @ self.weight + self.bias
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Share of ``x`` [N, D] whose prediction (``yes`` when p >= 0.5) equals ``y`` [N] bool."""
-        return float(((self.logits(x) >= 0) == y.bool()).double().mean())
+        """Percent of ``x`` [N, D] whose prediction (``yes`` when p >= 0.5) equals ``y`` [N] bool."""
+        return percent(((self.logits(x) >= 0) == y.bool()).double().mean())
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, max_iter: int = 200) -> LinearProbe:
@@ -170,7 +170,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, max_iter: i
 
 def fit_layer_probes(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor, *,
                      l2: float = 1e-2, max_iter: int = 200) -> tuple[list[float], list[float]]:
-    """Train and test accuracy of one probe per layer of ``features`` [N, n_layers, D]."""
+    """Train and test accuracy (percent) of one probe per layer of ``features`` [N, n_layers, D]."""
     train_acc, test_acc = [], []
     for layer in range(features.shape[1]):
         x = features[:, layer]  # [N, D]
@@ -191,14 +191,14 @@ def _draw(numbers: dict[str, Any], model_name: str, n: int) -> Any:
     ax.plot(layers, numbers["train_accuracy"], color="tab:blue", linestyle=":", alpha=0.6,
             label=f"probe, training half (n={numbers['n_train']})")
     ax.axhline(numbers["model_accuracy_test"], color="tab:red", linestyle="--",
-               label=f"model's own yes/no answer, test half ({numbers['model_accuracy_test']:.2f})")
-    ax.axhline(0.5, color="gray", linestyle="-.", label="chance (0.5)")
+               label=f"model's own yes/no answer, test half ({numbers['model_accuracy_test']:.1f} %)")
+    ax.axhline(50.0, color="gray", linestyle="-.", label="chance (50 %)")
     ax.set_xlabel("hidden_states index (0 = embeddings, i = output of decoder block i)")
-    ax.set_ylabel("accuracy: is the asked-about object in the image?")
+    ax.set_ylabel("accuracy (%): is the asked-about object\nin the image?")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(figure_title("Linear probe per layer for object existence (DeCo)", model_name, n))
@@ -251,16 +251,18 @@ def measure_probe(
             "best_layer": states.layers[best],
             "best_test_accuracy": test_acc[best],
             "last_layer_test_accuracy": test_acc[-1],
-            "model_accuracy_test": float(right[test].double().mean()),
+            "model_accuracy_test": percent(right[test].double().mean()),
         },
         "layers": states.layers,
         "train_accuracy": train_acc,
         "test_accuracy": test_acc,
-        "model_accuracy_test": float(right[test].double().mean()),
-        "model_accuracy_all": float(right.double().mean()),
+        "model_accuracy_test": percent(right[test].double().mean()),
+        "model_accuracy_all": percent(right.double().mean()),
         "n_train": int(train.numel()),
         "n_test": int(test.numel()),
-        "test_majority_share": float(max(states.labels[test].double().mean(), 1 - states.labels[test].double().mean())),
+        # accuracy (percent) of always answering the test half's majority label
+        "test_majority_accuracy": percent(max(states.labels[test].double().mean(),
+                                              1 - states.labels[test].double().mean())),
         "train_ids": [str(samples[i].get("id", i)) for i in train.tolist()],
         "test_ids": [str(samples[i].get("id", i)) for i in test.tolist()],
     }

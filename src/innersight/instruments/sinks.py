@@ -19,7 +19,7 @@ greedy answers:
    per token;
 4. the **effect on the answers of masking** the visual sink tokens (image tokens that are sinks at
    any layer from ``first_layer`` on) vs masking as many random non-sink image tokens (seeded per
-   sample): the fraction of answers that change and the accuracy under each. Masking removes the
+   sample): the percent of answers that change and the accuracy (percent) under each. Masking removes the
    tokens from attention: in every decoder layer and every forward of ``generate`` (prefill and
    decoding steps), no query may attend to a masked key (an :mod:`innersight.attention` handler
    narrows the attention mask), except the masked token's own query to itself, which keeps its row
@@ -32,8 +32,8 @@ are crisp). Everything runs inside context managers: the model is unchanged afte
 after an exception.
 Answers are scored as every instrument scores them
 (:func:`innersight.instruments.common.choose_scorer` and
-:func:`~innersight.instruments.common.answer_score`: the mean per-answer score in [0, 1] is the
-accuracy).
+:func:`~innersight.instruments.common.answer_score`: the mean per-answer score in [0, 1], in
+percent, is the accuracy).
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ from .common import (
     figure_title,
     generation_length,
     mean,
+    percent,
     progress,
     render,
     sample_image,
@@ -382,8 +383,9 @@ def _numbers(records: Sequence[SampleSinks], dims: tuple[int, ...], detection: S
     per_sink = [mean(r.sink_mass[i] / r.sinks_per_layer[i] for r in records if r.sinks_per_layer[i]) for i in layers]
     per_other = [mean(r.nonsink_mass[i] / (r.image_tokens - r.sinks_per_layer[i]) for r in records
                       if r.image_tokens > r.sinks_per_layer[i]) for i in layers]
-    changed = {key: mean(float(r.answers[key] != r.answers["plain"]) for r in records) for key in ("sinks", "random")}
-    accuracy = {key: mean(r.scores[key] for r in records) for key in ("plain", "sinks", "random")}
+    changed = {key: percent(mean(float(r.answers[key] != r.answers["plain"]) for r in records))
+               for key in ("sinks", "random")}  # percent of answers
+    accuracy = {key: percent(mean(r.scores[key] for r in records)) for key in ("plain", "sinks", "random")}
     with_sinks = sum(1 for r in records if r.masked)
     published = None
     if detection is not None and detection.published is not None:
@@ -428,15 +430,20 @@ def _numbers(records: Sequence[SampleSinks], dims: tuple[int, ...], detection: S
     summary[f"image tokens that are sinks (mean, layers {first_layer}+)"] = _fmt(mean(share[i] for i in tail))
     summary[f"attention on sink / non-sink image tokens (layers {first_layer}+)"] = (
         f"{_fmt(mean(sink_mass[i] for i in tail))} / {_fmt(mean(nonsink_mass[i] for i in tail))}")
-    summary["answers changed: sinks masked / random masked"] = f"{_fmt(changed['sinks'])} / {_fmt(changed['random'])}"
-    summary["accuracy: plain / sinks masked / random masked"] = (
-        f"{_fmt(accuracy['plain'])} / {_fmt(accuracy['sinks'])} / {_fmt(accuracy['random'])}")
+    summary["answers changed (%): sinks masked / random masked"] = (
+        f"{_pct(changed['sinks'])} / {_pct(changed['random'])}")
+    summary["accuracy (%): plain / sinks masked / random masked"] = (
+        f"{_pct(accuracy['plain'])} / {_pct(accuracy['sinks'])} / {_pct(accuracy['random'])}")
     numbers["summary"] = summary
     return numbers
 
 
 def _fmt(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.1f}"
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:
@@ -485,14 +492,14 @@ def draw(numbers: dict[str, Any], model: str, n: int) -> Any:
         bar = ax3.bar([x], [value if math.isfinite(value) else 0.0], width, color=color,
                       label=None if key in labelled else label)[0]
         labelled.add(key)
-        ax3.annotate("n/a" if not math.isfinite(value) else f"{value:.2f}",
+        ax3.annotate("n/a" if not math.isfinite(value) else f"{value:.1f}",
                      (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     handles, names = ax3.get_legend_handles_labels()
     order = [names.index(styles[k][0]) for k in ("plain", "sinks", "random") if styles[k][0] in names]
     ax3.set_xticks([0, 1], ["answers changed", f"accuracy ({masking['scorer']})"])
-    ax3.set_ylim(0, 1.5)  # room for the legend above the bars
-    ax3.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax3.set_ylabel("fraction of samples")
+    ax3.set_ylim(0, 150)  # room for the legend above the bars
+    ax3.set_yticks([0, 20, 40, 60, 80, 100])
+    ax3.set_ylabel("% of samples")
     ax3.set_title(f"Masking sinks vs random tokens ({masking['samples_with_visual_sinks']} samples with sinks)",
                   fontsize=10)
     ax3.legend([handles[i] for i in order], [names[i] for i in order], loc="upper center", fontsize=7, ncol=1)

@@ -264,6 +264,11 @@ class ViCrop:
             return {}
         return {"max_new_tokens": int(self.config.max_new_tokens)}
 
+    @property
+    def name(self) -> str:
+        """The registered method name (``vicrop-rel-att``...): the key of this method's details."""
+        return f"vicrop-{self.config.variant}"
+
     def apply(self, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str) -> tuple[list[list[Any]], list[dict[str, Any]]]:
         if any(len(ims) != 1 for ims in image_lists):
             raise MethodError("vicrop works on one image per question")
@@ -271,7 +276,7 @@ class ViCrop:
         results = choose_crops(mllm, images, questions, self.config, template)
         new_lists = [[im, r.crop] for im, r in zip(images, results)]
         extras = [{"box": r.box, "crop": r.crop, "maps": {"importance": r.map, **r.maps},
-                   "details": {"vicrop": {"variant": self.config.variant, "box": list(r.box),
+                   "details": {self.name: {"variant": self.config.variant, "box": list(r.box),
                                           "map_region": list(r.map_region),
                                           "tiles": None if r.tiles is None else [r.tiles.rows, r.tiles.cols]}}}
                   for r in results]
