@@ -18,6 +18,7 @@ EXAMPLES: dict[str, list[tuple[object, dict]]] = {
     "pope": [("Yes", {"label": "yes"}), ("maybe", {"label": "no"})],
     "docvqa": [("abc", {"answers": ["abc"]})],
     "gqa": [("man", {"answer": "man"})],
+    "micro-details": [("7", {"answer": "7"}), ("a", {"answer": "b"})],
     "mme": [
         (p, {"category": c, "image_id": f"{c}-{i}", "answer": p})
         for c in (
@@ -55,7 +56,7 @@ def test_expected_keys() -> None:
         "pope/canonical", "pope/substring", "pope/exact", "pope/first_word", "pope/vicrop",
         "docvqa/canonical", "docvqa/vicrop", "gqa/canonical", "gqa/vicrop", "mme/canonical",
         "vstar/canonical", "vstar/letter", "vstar/vicrop", "chair/canonical",
-        "micro-chair/canonical",
+        "micro-chair/canonical", "micro-details/canonical",
     }  # fmt: skip
     for key, scorer in SCORERS.items():
         assert key == scorer.key == f"{scorer.name}/{scorer.variant}"

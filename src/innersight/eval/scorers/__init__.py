@@ -12,6 +12,7 @@ gqa       canonical (exact match), vicrop (label substring of prediction)
 mme       canonical (acc + acc+, perception / cognition sums)
 vstar     canonical (option likelihood), letter, vicrop (difflib)
 chair     canonical (CHAIR_i, CHAIR_s, recall, average length)
+micro-*   micro-details canonical (exact match), micro-chair canonical
 ========  =====================================================================
 
 >>> scorer = get_scorer("pope")
