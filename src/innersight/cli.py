@@ -288,9 +288,10 @@ def eval_(
 
     plan = resolve_methods(method or [], settings)
     check_protocol(scorer, plan)
-    run_dir = output if (output / CONFIG).is_file() else output / run_name(bench.name, split, model, plan.names)
     from .outputs import check_output_dir
 
+    check_output_dir(output)
+    run_dir = output if (output / CONFIG).is_file() else output / run_name(bench.name, split, model, plan.names)
     check_output_dir(run_dir)
     _RESUME["hint"] = (f"finished samples are kept in {run_dir}; run the same command again to resume "
                        "where it stopped")

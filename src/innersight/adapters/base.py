@@ -317,6 +317,7 @@ def control_strings(tokenizers: Sequence[Any], processor: Any = None) -> tuple[s
         found.update(str(t.content) for t in decoder.values() if getattr(t, "special", False))
     for attr in ("image_token", "video_token", "audio_token", "boi_token", "eoi_token"):
         value = getattr(processor, attr, None)
+        value = getattr(value, "content", value)  # an AddedToken or its text
         if isinstance(value, str):
             found.add(value)
     return tuple(sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t)))
