@@ -55,10 +55,35 @@ def _parse_sets(items: list[str] | None) -> dict[str, dict[str, str]]:
     return out
 
 
+def _check_common(*, device: str | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
+                  limit: int | None = None) -> None:
+    """Arguments every command shares, checked before any data or model is loaded."""
+    from .loading import check_device
+
+    check_device(device)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size must be at least 1, not {batch_size}")
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be at least 1, not {limit}")
+
+
+def _check_methods(names: list[str], settings: dict[str, dict[str, str]]) -> None:
+    """Method names, combinations and ``--set`` values, checked before the model loads."""
+    from .methods import resolve_methods
+
+    resolve_methods(names, settings)
+
+
+#: what to tell the user when they interrupt a command (the eval command says how to resume)
+_RESUME: dict[str, str] = {}
+
+
 @app.command()
 def answer(
     model: ModelOpt,
-    image: Annotated[list[Path], typer.Option("--image", "-i", help="Image file (repeat for several images in one prompt).")],
+    image: Annotated[list[str], typer.Option("--image", "-i", help="Image file (repeat for several images in one prompt).")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question to ask.")],
     method: MethodOpt = None,
     set_: SetOpt = None,
@@ -74,9 +99,11 @@ def answer(
 
     if not question.strip():
         _fail("the question is empty")
+    _check_common(device=device, max_new_tokens=max_new_tokens)
     settings = _parse_sets(set_)
     if settings and not method:
         _fail("--set given but no --method to apply it to")
+    _check_methods(method or [], settings)
     images = load_images(image)  # validate before the (slow) model load
     import innersight
 
@@ -109,14 +136,18 @@ def demo(
 
     if n < 1:
         _fail("--n must be at least 1")
-    import innersight
-
-    mllm = innersight.load(model, device=device)
+    _check_common(device=device, batch_size=batch_size)
     methods = tuple(method) if method else DEFAULT_METHODS
     from .methods import resolve_methods
 
     for name in methods:
         resolve_methods([name])  # unknown names fail before any work
+    from .outputs import check_output_dir
+
+    check_output_dir(output)
+    import innersight
+
+    mllm = innersight.load(model, device=device)
     result = run_demo(mllm, n=n, seed=DEMO_SEED if seed is None else seed, methods=methods, batch_size=batch_size,
                       output=output, progress=not as_json, model_name=model)
     if as_json:
@@ -162,7 +193,7 @@ def train_micro(ctx: typer.Context) -> None:
 @app.command()
 def explain(
     model: ModelOpt,
-    image: Annotated[Path, typer.Option("--image", "-i", help="Image file.")],
+    image: Annotated[str, typer.Option("--image", "-i", help="Image file.")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question to ask.")],
     method: Annotated[str, typer.Option("--method", help="rel-att, grad-att or pure-grad (ViCrop map).")] = "rel-att",
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG to write.")] = Path("explain.png"),
@@ -184,7 +215,12 @@ def explain(
         _fail("the question is empty")
     if output.suffix.lower() != ".png":
         _fail(f"--output must be a .png file, not {output}")
+    _check_common(device=device, max_new_tokens=max_new_tokens)
     settings = _parse_sets(set_)
+    _check_methods([name], settings)
+    from .outputs import check_output_file
+
+    check_output_file(output)
     picture = load_image(image)
     import innersight
 
@@ -235,10 +271,11 @@ def eval_(
 ) -> None:
     """Evaluate a model (with methods) on a benchmark; resumable, one row per sample as it finishes."""
     from .eval.benchmarks import get_benchmark
-    from .eval.scorers import get_scorer
+    from .eval.scorers import get_scorer, variants
 
     bench = get_benchmark(benchmark)
     split = bench.check_split(split)
+    _check_common(device=device, max_new_tokens=max_new_tokens, batch_size=batch_size, limit=limit)
     settings = _parse_sets(set_)
     if settings and not method:
         _fail("--set given but no --method to apply it to")
@@ -248,8 +285,9 @@ def eval_(
         _fail("--top-p applies only when sampling (--temperature > 0)")
     try:
         scorer = get_scorer(bench.scorer, scorer_variant)
-    except KeyError as exc:
-        _fail(str(exc.args[0]))
+    except KeyError:
+        _fail(f"benchmark {bench.name!r} has no variant {scorer_variant!r}; variants: "
+              f"{', '.join(variants(bench.scorer))}")
     from .eval.runner import check_scorer_installed
 
     check_scorer_installed(scorer)
@@ -261,8 +299,14 @@ def eval_(
 
     plan = resolve_methods(method or [], settings)
     check_protocol(scorer, plan)
+    from .outputs import check_output_dir
+
+    check_output_dir(output)
     sampled = f"-T{temperature:g}" + (f"-p{top_p:g}" if top_p else "") if temperature > 0 else ""
     run_dir = output if (output / CONFIG).is_file() else output / (run_name(bench.name, split, model, plan.names) + sampled)
+    check_output_dir(run_dir)
+    _RESUME["hint"] = (f"finished samples are kept in {run_dir}; run the same command again to resume "
+                       "where it stopped")
     proc = process_info(device)
     import innersight
 
@@ -305,6 +349,11 @@ def report(
         _fail(f"--output must be a .png file, not {output}")
     if resamples < 1:
         _fail("--resamples must be at least 1")
+
+    from .outputs import check_output_file
+
+    check_output_file(output)
+    check_output_file(output.with_suffix(".md"), "--output (its table)")
     finished, unfinished = find_runs(runs)
     if not finished:
         _fail("no finished run among " + ", ".join(str(r) for r in runs) + " (re-run their eval commands to finish)")
@@ -342,6 +391,7 @@ def _run_instrument(name: str, model: str, benchmark: str | None, data: Path | N
     from .instruments.common import load_samples
 
     inst = get_instrument(name)
+    _check_common(device=device, limit=limit)
     parsed = inst.parse_options(options)
     if "seed" in inst.options and "seed" not in options:
         parsed["seed"] = seed
@@ -394,8 +444,13 @@ def measure(
     as_json: JsonOpt = False,
 ) -> None:
     """Run one of the papers' measurements; writes numbers (JSON) and a figure (PNG)."""
-    from .instruments import write_measurement
+    from .instruments import get_instrument, write_measurement
+    from .outputs import check_output_dir, check_output_file
 
+    get_instrument(instrument)  # an unknown name fails before the paths are looked at
+    check_output_dir(output)
+    for suffix in (".json", ".png"):
+        check_output_file(output / f"{instrument}{suffix}")
     result = _run_instrument(instrument, model, benchmark, data, split, limit, _parse_options(option), device, dtype,
                              seed, show_progress=not as_json)
     json_path, png_path = write_measurement(result, output)
@@ -421,6 +476,10 @@ def sinks(
         _fail(f"--output must be a .png file, not {output}")
     if output.is_dir():
         _fail(f"--output {output} is a folder; give a .png file name")
+    from .outputs import check_output_file
+
+    check_output_file(output)
+    check_output_file(output.with_suffix(".json"), "--output (its numbers)")
     result = _run_instrument("sinks", model, benchmark, data, split, limit, _parse_options(option), device, dtype,
                              seed, show_progress=not as_json)
     from .instruments.common import write_files
@@ -511,8 +570,22 @@ def _show_warnings() -> None:
         logger.addHandler(handler)  # root has no handler in a CLI run: logging's last resort stays silent
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` (typer turns Ctrl-C into ``Exit(130)``) was caused by a KeyboardInterrupt."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback;
+    Ctrl-C exits 130 with one line that says how to resume (eval) or that nothing was finished."""
+    _RESUME.clear()
     _show_warnings()
     try:
         app(args=argv, standalone_mode=True)
@@ -520,8 +593,22 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130 and _interrupted(exc):
+            _say_interrupted()
+        raise
+    except OSError as exc:  # a disk that fills up or goes read-only while writing
+        where = f" {exc.filename}" if exc.filename else ""
+        hint = f"; {_RESUME['hint']}" if "hint" in _RESUME else ""
+        typer.echo(f"error: cannot read or write{where}: {exc.strerror or exc}{hint}", err=True)
+        sys.exit(2)
+
+
+def _say_interrupted() -> None:
+    hint = _RESUME.get("hint", "nothing was kept; run the command again to start over")
+    typer.echo(f"interrupted: {hint}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

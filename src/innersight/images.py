@@ -5,7 +5,8 @@ images. :func:`load_image` turns each into a plain RGB image that the processors
 supported model accept, and turns every problem into an :class:`~innersight.errors.ImageError`
 whose one-line message names the image and the problem:
 
-* the file is missing, is a directory, is empty, is not an image, or its data is truncated or
+* the file is missing, is a directory or another non-regular file (a named pipe would block the
+  read forever), is a URL (not fetched), is empty, is not an image, or its data is truncated or
   corrupt (the pixels are decoded eagerly, so a cut-off file fails here and not later as grey
   pixels inside the model);
 * the header claims more pixels than :data:`MAX_PIXELS` (or than Pillow's own
@@ -238,6 +239,8 @@ def _check_path(path: Path, name: str) -> None:
         raise ImageError(f"{name}: no such file")
     if path.is_dir():
         raise ImageError(f"{name}: is a directory, not an image file")
+    if not path.is_file():  # a named pipe would block the read forever; a device never ends
+        raise ImageError(f"{name}: not a regular file (a pipe, socket or device); pass an image file")
     try:
         size = path.stat().st_size
     except OSError as exc:

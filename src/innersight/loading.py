@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,46 @@ def read_model_type(path: str, trust_remote_code: bool = False) -> str:
         raise ModelLoadError(f"cannot load model {path!r}{hint}: {str(exc).splitlines()[0]}") from exc
 
 
+DEVICE_FORMS = "cpu, cuda, cuda:N (N = GPU index), mps or auto (layers spread over all GPUs)"
+_DEVICE_RE = re.compile(r"(cpu|cuda|mps|auto)(?::(\d+))?")
+
+
+def check_device(device: str | None) -> str | None:
+    """Validate the form of ``device`` without importing torch; returns it stripped (or None).
+
+    Accepted: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto`` (and None / "" for the default);
+    ``cpu:N`` / ``mps:N`` too, as torch (and accelerate's process state) writes them."""
+    if device is None:
+        return None
+    if not isinstance(device, str):
+        raise UserInputError(f"device must be a string such as 'cpu' or 'cuda:0', not {type(device).__name__}")
+    text = device.strip()
+    if text in ("", "default"):
+        return None
+    match = _DEVICE_RE.fullmatch(text)
+    if match is None or (match.group(2) is not None and match.group(1) == "auto"):
+        raise UserInputError(f"unknown device {device!r}; use one of {DEVICE_FORMS}")
+    return text
+
+
 def resolve_device(device: str | None) -> str:
+    """The device to load on: ``device`` checked against what this machine has (default: the first
+    GPU if any, else the CPU)."""
     import torch
 
-    if device in (None, "", "default"):
+    dev = check_device(device)
+    if dev is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"device {device!r} requested but CUDA is not available")
-    return device
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError(f"device {dev!r} requested but CUDA is not available on this machine; use --device cpu")
+        count = torch.cuda.device_count()
+        if ":" in dev and int(dev.split(":")[1]) >= count:
+            raise UserInputError(f"device {dev!r} requested but this machine has {count} GPU(s) "
+                                 f"(cuda:0 to cuda:{count - 1})")
+    if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserInputError("device 'mps' requested but Apple's MPS backend is not available on this machine")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device: str) -> Any:
@@ -95,7 +128,8 @@ def load(
     """Load ``model`` (hub id, local directory or ``micro``) and return an :class:`~innersight.MLLM`.
 
     ``device``: ``cpu``, ``cuda``, ``cuda:1``, or ``auto`` (layers spread over all GPUs with
-    accelerate's ``device_map="auto"``); default: the first GPU if any, else the CPU. ``dtype``
+    accelerate's ``device_map="auto"``; on a machine without GPUs, the CPU); anything else is
+    refused with :class:`~innersight.errors.UserInputError`; default: the first GPU if any, else the CPU. ``dtype``
     defaults to bf16 on a GPU and fp32 on a CPU. The language model is loaded with SDPA
     attention; methods that need other attention functions switch it per backbone themselves
     and switch it back.
@@ -106,11 +140,11 @@ def load(
     from .mllm import MLLM
 
     hf_logging.disable_progress_bar()
+    dev = resolve_device(device)  # bad devices and dtypes fail before anything is read
+    torch_dtype = resolve_dtype(dtype, dev)
     path = resolve_model_path(model)
     model_type = read_model_type(path, trust_remote_code)
     cls = adapter_class(model_type)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "attn_implementation": "sdpa"}
     if dev == "auto":

@@ -48,7 +48,9 @@ def _as_image_list(item: ImageLike | Sequence[ImageLike]) -> list[Any]:
 
     def one(x: Any) -> Any:
         # images we already loaded (RGB PIL) are used as they are; anything else is loaded/checked
-        return x if isinstance(x, Image.Image) and x.mode == "RGB" else load_image(x)
+        if isinstance(x, Image.Image) and x.mode == "RGB" and min(x.size) >= 1:
+            return x
+        return load_image(x)  # checks it: a 0x0 image, a missing file... -> ImageError
 
     if isinstance(item, (list, tuple)):
         if not item:

@@ -18,6 +18,7 @@ EXAMPLES: dict[str, list[tuple[object, dict]]] = {
     "pope": [("Yes", {"label": "yes"}), ("maybe", {"label": "no"})],
     "docvqa": [("abc", {"answers": ["abc"]})],
     "gqa": [("man", {"answer": "man"})],
+    "micro-details": [("7", {"answer": "7"}), ("a", {"answer": "b"})],
     "mme": [
         (p, {"category": c, "image_id": f"{c}-{i}", "answer": p})
         for c in (
@@ -64,7 +65,7 @@ def test_expected_keys() -> None:
         "mme/canonical", "mme/lmms-eval",
         "vstar/canonical", "vstar/letter", "vstar/vicrop", "chair/canonical", "chair/lemma", "chair/tidy",
         "micro-chair/canonical", "amber-g/canonical", "amber-d/canonical", "amber-d/first_word",
-        "hrbench/canonical",
+        "hrbench/canonical", "micro-details/canonical",
     }  # fmt: skip
     for key, scorer in SCORERS.items():
         assert key == scorer.key == f"{scorer.name}/{scorer.variant}"

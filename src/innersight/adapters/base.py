@@ -12,6 +12,8 @@ adapter. An adapter wraps a loaded model and its processor and answers
 
 from __future__ import annotations
 
+import functools
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 TEMPLATES = ("chat", "reference")
+#: invisible, zero-width; breaks a control-token string in user text into plain characters
+WORD_JOINER = "\u2060"
 
 
 @dataclass(frozen=True)
@@ -235,10 +239,13 @@ class Adapter(ABC):
         ``chat`` uses the processor's chat template when it has one (the model's own format),
         ``reference`` the template the papers evaluated with.
         """
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str):
+            raise UserInputError(f"the question must be a string, not {type(question).__name__}")
+        if not question.strip():
             raise UserInputError("the question is empty")
         if template not in TEMPLATES:
             raise UserInputError(f"unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        question = self.as_plain_text(question)
         if template == "chat" and getattr(self.processor, "chat_template", None):
             content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
             messages = [{"role": "user", "content": content}]
@@ -252,6 +259,24 @@ class Adapter(ABC):
         answer-format instruction (:data:`innersight.prompts.ANSWER_FORMATS`) attaches to the
         question in the paper's code. The base: as given."""
         return question
+
+    # ------------------------------------------------------------------ user text
+    @property
+    def text_tokenizers(self) -> tuple[Any, ...]:
+        """Every tokenizer that reads the prompt text (InstructBLIP adds its Q-Former's)."""
+        found = (self.tokenizer, getattr(self.processor, "qformer_tokenizer", None))
+        return tuple(t for t in found if t is not None)
+
+    @functools.cached_property
+    def control_strings(self) -> tuple[str, ...]:
+        """The strings that the processor or a tokenizer reads as control tokens wherever they
+        appear in the text (``<image>``, ``<|image_pad|>``, ``<|vision_start|>``, ``</s>``,
+        ``[SEP]``...), longest first."""
+        return control_strings(self.text_tokenizers, self.processor)
+
+    def as_plain_text(self, text: str) -> str:
+        """``text`` from a user made unable to produce control tokens (see :func:`as_plain_text`)."""
+        return as_plain_text(text, self.control_strings, self.text_tokenizers)
 
     def image_placeholder(self, num_images: int) -> str:
         """Text that stands for ``num_images`` images in a reference-template prompt."""
@@ -339,3 +364,58 @@ class Adapter(ABC):
             "vision_feature_layer": self.vision_feature_layer,
             "projector_vision_layer": self.projector_vision_layer,
         }
+
+
+def control_strings(tokenizers: Sequence[Any], processor: Any = None) -> tuple[str, ...]:
+    """Every string that ``processor`` or one of ``tokenizers`` reads as a control token wherever
+    it appears in a text: the tokenizers' special tokens and the processor's image/video
+    placeholders; longest first."""
+    found: set[str] = set()
+    for tok in tokenizers:
+        found.update(str(t) for t in getattr(tok, "all_special_tokens", ()) or ())
+        decoder = getattr(tok, "added_tokens_decoder", None) or {}
+        found.update(str(t.content) for t in decoder.values() if getattr(t, "special", False))
+    for attr in ("image_token", "video_token", "audio_token", "boi_token", "eoi_token"):
+        value = getattr(processor, attr, None)
+        value = getattr(value, "content", value)  # an AddedToken or its text
+        if isinstance(value, str):
+            found.add(value)
+    return tuple(sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t)))
+
+
+def as_plain_text(text: str, strings: Sequence[str], tokenizers: Sequence[Any]) -> str:
+    """``text`` from a user (a question, a benchmark question, an lmms-eval context) made unable to
+    produce control tokens.
+
+    Every control string in it (one of ``strings``) gets an invisible WORD JOINER (U+2060) after
+    its first character: the processor no longer counts it as an image placeholder, and the
+    tokenizers, which match control tokens as exact substrings, read it as the plain characters
+    it shows (byte-level BPE encodes the joiner as bytes; BERT's normaliser removes it after the
+    special tokens were matched). Text without control strings is returned unchanged.
+
+    Raises:
+        UserInputError: a control string that cannot be broken this way (one character long, or
+            still read as a control token by one of ``tokenizers`` afterwards).
+    """
+    present = [t for t in strings if t in text]
+    if not present:
+        return text
+    for t in present:
+        if len(t) < 2:
+            raise UserInputError(f"the question contains {t!r}, a control token of this model that cannot be "
+                                 "written as plain text; remove it")
+    pattern = re.compile("|".join(re.escape(t) for t in present))  # longest first: alternation order
+    plain = pattern.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+    for tok in tokenizers:
+        unk = getattr(tok, "unk_token_id", None)  # unknown characters are not control tokens
+        special_ids = {i for i in getattr(tok, "all_special_ids", ()) or () if i != unk}
+        special_ids.update(i for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items()
+                           if getattr(t, "special", False) and i != unk)
+        ids = tok(plain, add_special_tokens=False)["input_ids"]
+        leaked = [i for i in ids if i in special_ids]
+        if leaked:
+            raise UserInputError(
+                f"the question contains {tok.convert_ids_to_tokens(leaked[0])!r}, a control token that this "
+                "model's tokenizer cannot read as plain text; remove it"
+            )
+    return plain

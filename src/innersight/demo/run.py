@@ -157,6 +157,10 @@ def run_demo(
 
     from .world import World, WorldConfig
 
+    if output is not None:
+        from ..outputs import check_output_dir
+
+        check_output_dir(Path(output))  # before the answering, which takes the time
     world = World(WorldConfig())
     result = DemoResult(model_name, n, seed, tuple(methods))
     runs = ["plain", *methods]

@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -671,10 +671,11 @@ def _world_dict(cfg: WorldConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m innersight.demo.train") -> int:
     """Command-line entry point (also ``innersight train-micro``, which passes its own ``prog``)."""
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = _OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output directory (weights, training.json)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-clock training budget")
-    ap.add_argument("--steps", type=int, default=None, help="exact number of steps (overrides the estimate)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="exact number of stage-2 steps (whole model; overrides the --minutes estimate)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
     ap.add_argument("--seed", type=int, default=0)
@@ -682,8 +683,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m innersight.de
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--aux-weight", type=float, default=TrainConfig.aux_weight,
                     help="weight of the auxiliary per-patch loss (0: answer tokens only)")
-    ap.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps,
-                    help="stage 1: steps of vision-tower training before the whole model trains (0: skip)")
+    ap.add_argument("--vision-steps", type=int, default=None,
+                    help="stage 1: steps of vision-tower training before the whole model trains (0: skip; "
+                         f"default {TrainConfig.vision_steps}, or --steps when that is fewer)")
     ap.add_argument("--eval-n", type=int, default=TrainConfig.eval_n, help="held-out samples per cell")
     ap.add_argument("--eval-minutes", type=float, default=5.0)
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
@@ -694,8 +696,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m innersight.de
     args = ap.parse_args(argv)
     if args.minutes is None and args.steps is None:
         ap.error("give --minutes or --steps")
+    _check_args(ap, args)
+    vision_steps = args.vision_steps
+    if vision_steps is None:  # a short --steps run is a short run, stage 1 included
+        vision_steps = TrainConfig.vision_steps if args.steps is None else min(TrainConfig.vision_steps, args.steps)
     cfg = TrainConfig(seed=args.seed, batch_size=args.batch_size, lr=args.lr, eval_n=args.eval_n,
-                      aux_weight=args.aux_weight, vision_steps=args.vision_steps)
+                      aux_weight=args.aux_weight, vision_steps=vision_steps)
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "innersight.demo.train",
                                                 *(argv if argv is not None else sys.argv[1:])])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -703,6 +709,40 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m innersight.de
         eval_minutes=args.eval_minutes, ckpt_minutes=args.ckpt_minutes, keep_checkpoint=args.keep_checkpoint,
         log_every=args.log_every, stop_after=args.stop_after, command=command)
     return 0
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit code 2, like every innersight command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric argument in range and the device well-formed, before anything is built
+    (``ap.error`` prints one line of usage error and exits 2)."""
+    from ..errors import UserInputError
+    from ..loading import check_device
+
+    at_least = {"--steps": (args.steps, 1), "--threads": (args.threads, 1), "--batch-size": (args.batch_size, 1),
+                "--vision-steps": (args.vision_steps, 0), "--eval-n": (args.eval_n, 1),
+                "--log-every": (args.log_every, 1), "--stop-after": (args.stop_after, 1)}
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            ap.error(f"{flag} must be at least {low}, not {value}")
+    positive = {"--minutes": args.minutes, "--lr": args.lr, "--eval-minutes": args.eval_minutes,
+                "--ckpt-minutes": args.ckpt_minutes}
+    for flag, number in positive.items():
+        if number is not None and not number > 0:
+            ap.error(f"{flag} must be positive, not {number}")
+    if args.aux_weight < 0:
+        ap.error(f"--aux-weight must be 0 or more, not {args.aux_weight}")
+    try:
+        check_device(args.device)
+    except UserInputError as exc:
+        ap.error(str(exc))
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} is a file, not a folder")
 
 
 if __name__ == "__main__":  # pragma: no cover

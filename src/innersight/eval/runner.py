@@ -59,11 +59,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, InnersightError, MethodError, UserInputError
+from ..outputs import check_output_dir
 from .benchmarks import Benchmark, get_benchmark
 from .benchmarks.base import Preset, Sample
 from .benchmarks.hub import data_identity
 from .lock import RunLock
-from .scorers import Scorer, get_scorer
+from .scorers import Scorer, get_scorer, variants
 
 ABORT_AFTER = 3
 CONFIG = "config.json"
@@ -570,8 +571,9 @@ def evaluate(
     split = bench.check_split(split)
     try:
         scorer = get_scorer(bench.scorer, scorer_variant)
-    except KeyError as exc:
-        raise UserInputError(str(exc.args[0])) from None
+    except KeyError:
+        raise UserInputError(f"benchmark {bench.name!r} has no variant {scorer_variant!r}; variants: "
+                             f"{', '.join(variants(bench.scorer))}") from None
     check_scorer_installed(scorer)
     chosen: Preset = bench.preset(preset, scorer_variant)
     if batch_size < 1:
@@ -586,15 +588,19 @@ def evaluate(
     gen = generation_defaults(chosen, plan, bench.name)
     gen.update(dict(generation or {}))  # the caller's settings win
     decoding = effective_generation(mllm, plan, gen)
+    new_tokens = gen.get("max_new_tokens")
+    if not isinstance(new_tokens, int) or isinstance(new_tokens, bool) or new_tokens < 1:
+        # checked here, not per sample: a bad value would record every sample as failed
+        raise UserInputError(f"--max-new-tokens must be a whole number of at least 1, not {new_tokens!r}")
     opts = {k: v for k, v in dict(options or {}).items() if v is not None}
     proc = process or process_info()
 
+    run_dir = check_output_dir(Path(output_dir))  # before any work: a run that cannot be saved is lost
     samples = list(samples) if samples is not None else bench.load(data, split, **opts)
     if limit is not None:
         samples = samples[:limit]
     rendered = [bench.render(s, chosen) for s in samples]  # a preset that cannot apply fails here
 
-    run_dir = Path(output_dir)
     identity = normalise({
         "benchmark": bench.name, "split": split,
         "data": data_identity(data),

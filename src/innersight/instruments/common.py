@@ -75,7 +75,15 @@ def write_measurement(result: Measurement, out_dir: str | Path) -> tuple[Path, P
 
 def write_files(result: Measurement, json_path: Path, png_path: Path) -> tuple[Path, Path | None]:
     """Write the numbers to ``json_path`` (atomically) and the figure, if drawn, to ``png_path``
-    (then closed); folders are created. Returns ``(json_path, png_path or None)``."""
+    (then closed); folders are created. Returns ``(json_path, png_path or None)``.
+
+    Raises UserInputError naming the path when either cannot be written (nothing is written then)."""
+    from ..outputs import check_output_file
+
+    json_path, png_path = Path(json_path), Path(png_path)
+    check_output_file(json_path)
+    if result.figure is not None:
+        check_output_file(png_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = json_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -149,7 +157,7 @@ SHORT_TOKENS = 8
 #: ``auto`` scorer choice: the first of these fields that the first sample carries decides
 AUTO_SCORERS: tuple[tuple[str, str], ...] = (
     ("options", "vstar/letter"), ("label", "pope/canonical"), ("gt_objects", "chair/canonical"),
-    ("answers", "textvqa/canonical"), ("answer", "gqa/canonical"),
+    ("size_class", "micro-details/canonical"), ("answers", "textvqa/canonical"), ("answer", "gqa/canonical"),
 )
 
 
@@ -172,8 +180,9 @@ def choose_scorer(samples: Sequence[Sample], name: str = "auto") -> Any:
     variant; ``innersight list``) that scores generated text, or ``"auto"``: the benchmark's own
     scorer read off the first sample's fields (:data:`AUTO_SCORERS`): ``options`` -> V*Bench with
     lettered options; ``label`` -> POPE; ``gt_objects`` -> CHAIR (micro-world CHAIR when every
-    object is a micro-world kind, :func:`is_micro_world`); ``answers`` -> VQA soft accuracy;
-    ``answer`` -> exact match after VQA normalisation (the micro-details scorer). With ``auto``
+    object is a micro-world kind, :func:`is_micro_world`); ``size_class`` -> micro-details (exact
+    match); ``answers`` -> VQA soft accuracy; ``answer`` -> exact match after VQA normalisation
+    (GQA). With ``auto``
     every sample must carry the deciding field.
     """
     from ..eval.scorers import SCORERS

@@ -47,7 +47,7 @@ class MicroDetails(_Micro):
     name = "micro-details"
     title = "Micro world: read small to large symbols"
     splits = ("all", "tiny", "small", "medium", "large")
-    scorer = "gqa"
+    scorer = "micro-details"  # exact match, as GQA's canonical scorer
 
     def _load(self, root: Path | None, split: str, **options: Any) -> list[Sample]:
         n, seed = self._n_seed(options)

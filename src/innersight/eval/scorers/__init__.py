@@ -4,22 +4,7 @@
 ``"<benchmark>/canonical"`` is always the official definition; other variants reproduce the
 non-standard protocols used by method papers (named after the paper or the parsing rule):
 
-==========  ===================================================================
-textvqa     canonical (VQA soft accuracy), official-vqaeval; vqav2 the same
-aokvqa      canonical (VQA soft accuracy, direct answers)
-pope        canonical, substring, exact, first_word, vicrop, damro-vcd
-docvqa      canonical (ANLS), official-docvqa, vicrop (substring containment)
-gqa         canonical (exact match), vicrop (label substring of prediction)
-mme         canonical (MME's own parse; acc + acc+, perception / cognition), lmms-eval
-vstar       canonical (option likelihood), letter, vicrop (difflib)
-chair       canonical (official script and table), lemma, tidy
-amber-g     canonical (AMBER CHAIR, Cover, Hal, Cog; no spaCy synonym step)
-amber-d     canonical (exact Yes/No), first_word
-hrbench     canonical (option letter; accuracy averaged over option cycles)
-==========  ===================================================================
-
-Which paper's table each variant reproduces: ``docs/scorers.md``.
-
+==========  ============================================================
 >>> scorer = get_scorer("pope")
 >>> row = scorer.score_one("No, there is not.", {"label": "no"})
 >>> row["parsed"], row["correct"]

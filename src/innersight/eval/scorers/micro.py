@@ -1,4 +1,10 @@
-"""CHAIR over the micro world's object kinds (the bundled micro model's description task).
+"""Scorers of the micro world's benchmarks.
+
+``micro-details/canonical``: exact match after VQA normalisation (GQA's canonical definition,
+registered under the benchmark's own name so that runs, errors and figures name it).
+
+``micro-chair/canonical``: CHAIR over the micro world's object kinds (the bundled micro model's
+description task).
 
 The micro world's descriptions list objects as ``"a <colour> <kind>[ with <symbol>]"``; this
 scorer parses them with :func:`innersight.demo.world.parse_description` and counts, like CHAIR
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from . import gqa
 from .base import Row, Scorer, percent, require_rows
 
 HIGHER_IS_BETTER = {"chair_s": False, "chair_i": False, "recall": True, "mentions": None, "captions": None, "n": None}
@@ -40,6 +47,8 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 SCORERS: tuple[Scorer, ...] = (
+    Scorer("micro-details", "canonical", gqa.HIGHER_IS_BETTER, gqa.score_one, gqa.aggregate,
+           "exact match after VQA normalisation (GQA's definition)"),
     Scorer("micro-chair", "canonical", HIGHER_IS_BETTER, score_one, aggregate,
            "CHAIR_i / CHAIR_s / recall over micro-world object kinds"),
 )
