@@ -62,14 +62,15 @@ def read_model_type(path: str, trust_remote_code: bool = False) -> str:
         raise ModelLoadError(f"cannot load model {path!r}{hint}: {str(exc).splitlines()[0]}") from exc
 
 
-DEVICE_FORMS = "cpu, cuda, cuda:N (N = GPU index), mps or auto (layers spread over all GPUs)"
-_DEVICE_RE = re.compile(r"(cpu|cuda|mps|auto)(?::(\d+))?")
+DEVICE_FORMS = ("cpu, cuda, cuda:N (N = GPU index), mps, auto (layers spread over all GPUs) "
+                "or meta (shapes only, no weights: for size checks)")
+_DEVICE_RE = re.compile(r"(cpu|cuda|mps|auto|meta)(?::(\d+))?")
 
 
 def check_device(device: str | None) -> str | None:
     """Validate the form of ``device`` without importing torch; returns it stripped (or None).
 
-    Accepted: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto`` (and None / "" for the default);
+    Accepted: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``auto``, ``meta`` (and None / "" for the default);
     ``cpu:N`` / ``mps:N`` too, as torch (and accelerate's process state) writes them."""
     if device is None:
         return None
@@ -79,7 +80,7 @@ def check_device(device: str | None) -> str | None:
     if text in ("", "default"):
         return None
     match = _DEVICE_RE.fullmatch(text)
-    if match is None or (match.group(2) is not None and match.group(1) == "auto"):
+    if match is None or (match.group(2) is not None and match.group(1) in ("auto", "meta")):
         raise UserInputError(f"unknown device {device!r}; use one of {DEVICE_FORMS}")
     return text
 
