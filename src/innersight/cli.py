@@ -294,6 +294,7 @@ def eval_(
     bench.preset(preset, scorer_variant)
     options = {k: v for k, v in (("image_ids", image_ids), ("images", images)) if v is not None}
     samples = bench.load(data, split, **options)  # validate the data before the (slow) model load
+    from .eval.lock import RunLock
     from .eval.runner import CONFIG, check_protocol, evaluate, process_info, run_name
     from .methods import resolve_methods
 
@@ -308,6 +309,7 @@ def eval_(
     _RESUME["hint"] = (f"finished samples are kept in {run_dir}; run the same command again to resume "
                        "where it stopped")
     proc = process_info(device)
+    RunLock(run_dir, proc.rank).check_free()  # another eval writing this folder: say so before the model loads
     import innersight
 
     mllm = innersight.load(model, device=device or proc.device, dtype=dtype)

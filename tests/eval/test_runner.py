@@ -246,6 +246,20 @@ def test_run_lock_refuses_a_second_holder_of_the_same_rank(tmp_path):
     assert not (run_dir / ".rank0.owner.json").exists()
     with RunLock(run_dir, 0):  # released: free again
         pass
+    RunLock(tmp_path / "not-yet", 0).check_free()
+    assert not (tmp_path / "not-yet").exists()  # checking creates no folder
+
+
+def test_evaluate_holds_the_lock_for_its_rank(mllm, pope, tmp_path):
+    from innersight.eval.lock import RunBusyError, RunLock
+
+    with RunLock(tmp_path / "run", 0):
+        with pytest.raises(RunBusyError, match="being written by another innersight eval"):
+            run(mllm, pope, tmp_path / "run", limit=2)
+        assert not (tmp_path / "run" / "samples.rank0.jsonl").exists()
+        with pytest.raises(RunBusyError):  # the same rank of a sharded run as well
+            run(mllm, pope, tmp_path / "run", limit=2, process=ProcessInfo(rank=0, world_size=2))
+    assert run(mllm, pope, tmp_path / "run", limit=2)["counts"]["samples"] == 2
 
 
 SLOW_EVAL = """
@@ -253,7 +267,7 @@ import sys, time, innersight
 from innersight.eval.runner import evaluate
 mllm = innersight.load(sys.argv[1], device="cpu")
 evaluate(mllm, "pope", sys.argv[2], "random", [], None, sys.argv[3], 40, 1, 0, {"max_new_tokens": 4},
-         progress=False, after_batch=lambda rows: time.sleep(0.25))
+         progress=False, after_batch=lambda rows: time.sleep(0.5))
 """
 
 
@@ -274,13 +288,18 @@ def test_a_second_eval_on_the_same_folder_is_refused_naming_the_first(mllm, pope
                                  "--model", str(model_dir), "-o", str(run_dir), "--batch-size", "1",
                                  "--max-new-tokens", "4", "--limit", "40", "--json"],
                                 env=ENV, capture_output=True, text=True, timeout=300)
-        assert first.poll() is None  # the refusal came while the first was still running
+        # refused before the model loads: a model path that does not exist is never reached
+        early = subprocess.run([sys.executable, "-m", "innersight", "eval", "--benchmark", "pope", "--data", str(pope),
+                                "--model", str(tmp_path / "no-model"), "-o", str(run_dir), "--limit", "40"],
+                               env=ENV, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # the refusals came while the first was still running
     finally:
         first.wait(timeout=300)
     assert first.returncode == 0, first.stderr.read().decode()[-2000:] if first.stderr else ""
     assert second.returncode == 2 and second.stdout == ""
     assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
     assert f"being written by another innersight eval (pid {first.pid} on " in second.stderr
+    assert early.returncode == 2 and f"(pid {first.pid} on " in early.stderr
     ids = [r["id"] for r in read_rows(rank_file)[0]]
     assert sorted(ids, key=int) == [str(i) for i in range(1, 41)]  # each sample once: no second writer
     again = json.loads(_cli(["eval", "--benchmark", "pope", "--data", str(pope), "--model", str(model_dir),

@@ -50,6 +50,14 @@ class RunLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "a process that has not written its pid yet"
 
+    def check_free(self) -> None:
+        """Raise :class:`RunBusyError` now if another process holds this lock (e.g. before a slow
+        model load); creates nothing when the run folder does not exist yet. The lock itself is
+        taken by ``with``; a process that takes it in between is still refused there."""
+        if self.run_dir.is_dir():
+            with self:
+                pass
+
     def __enter__(self) -> RunLock:
         from filelock import Timeout
 
