@@ -183,3 +183,16 @@ def test_micro_chair_runs_get_intervals_and_a_paired_bootstrap():
     assert plain.interval.low < 25.0 < plain.interval.high and deco.interval.high == 0.0
     assert deco.versus.test == "paired-bootstrap" and deco.versus.difference == pytest.approx(-25.0)
     assert deco.versus.significant()
+
+
+def test_runs_at_the_same_place_are_spread_apart_in_the_plot():
+    from innersight.eval.report import _dodged
+
+    runs = [pope_run(PLAIN, LABELS), pope_run(BETTER, LABELS, methods=["deco"]),
+            pope_run(BETTER, LABELS, methods=["deco"]), pope_run(BETTER, LABELS, methods=["var"])]
+    for result, _ in runs:
+        result["seconds_per_sample"] = 0.1
+    report = analyse([r for r, _ in runs], rows=[rows for _, rows in runs], resamples=20)
+    xs = _dodged(report.runs)
+    assert xs[0] == 0.1 and xs[1] == 0.1  # plain (50) and deco (87.5) are far apart in score
+    assert len({round(x, 9) for x in xs[1:]}) == 3  # three runs at 87.5: three x positions
