@@ -183,3 +183,39 @@ def test_micro_chair_runs_get_intervals_and_a_paired_bootstrap():
     assert plain.interval.low < 25.0 < plain.interval.high and deco.interval.high == 0.0
     assert deco.versus.test == "paired-bootstrap" and deco.versus.difference == pytest.approx(-25.0)
     assert deco.versus.significant()
+
+
+def test_runs_at_the_same_place_are_spread_apart_in_the_plot():
+    from innersight.eval.report import _dodged
+
+    runs = [pope_run(PLAIN, LABELS), pope_run(BETTER, LABELS, methods=["deco"]),
+            pope_run(BETTER, LABELS, methods=["deco"]), pope_run(BETTER, LABELS, methods=["var"])]
+    for result, _ in runs:
+        result["seconds_per_sample"] = 0.1
+    report = analyse([r for r, _ in runs], rows=[rows for _, rows in runs], resamples=20)
+    xs = _dodged(report.runs)
+    assert xs[0] == 0.1 and xs[1] == 0.1  # plain (50) and deco (87.5) are far apart in score
+    assert len({round(x, 9) for x in xs[1:]}) == 3  # three runs at 87.5: three x positions
+
+
+def test_results_record_the_decoding_a_method_imposes(tmp_path):
+    import innersight
+    from innersight.eval.report import load_results
+    from innersight.eval.runner import evaluate
+
+    mllm = innersight.load("micro")
+    common = {"options": {"n": 4}, "progress": False}
+    greedy = evaluate(mllm, "micro-pope", None, "random", [], None, tmp_path / "g", None, 4, 0,
+                      {"max_new_tokens": 3}, **common)
+    sampled = evaluate(mllm, "micro-pope", None, "random", [], None, tmp_path / "s", None, 4, 0,
+                       {"max_new_tokens": 3, "do_sample": True, "temperature": 1.0}, **common)
+    official = evaluate(mllm, "micro-pope", None, "random", ["damro"], {"damro": {"preset": "official"}},
+                        tmp_path / "d", None, 4, 0, {"max_new_tokens": 3}, **common)
+    assert greedy["decoding"] == {"max_new_tokens": 3}
+    assert official["generation"] == {"max_new_tokens": 3} and official["decoding"]["do_sample"] is True
+    assert [decoding_mode(r) for r in (greedy, sampled, official)] == ["greedy", "sampling", "sampling"]
+    report = analyse([load_results(tmp_path / n) for n in ("g", "s")], resamples=20)
+    assert [r.mode for r in report.runs] == ["greedy", "sampling"] and report.runs[1].versus is None
+    # DAMRO's official preset samples with top_k=0 etc.; a plain run at temperature 1 does not match it
+    with pytest.raises(MismatchedRunsError, match="sampling: "):
+        analyse([load_results(tmp_path / n) for n in ("s", "d")], resamples=20)

@@ -508,6 +508,8 @@ def _cli_fail(args: list[str], capsys) -> str:
     (["--benchmark", "pope", "--data", "{pope}", "--set", "deco.alpha=1"], "--set given but no --method"),
     (["--benchmark", "pope", "--data", "{pope}", "--image-ids", "ids.txt"], "takes no option image_ids"),
     (["--benchmark", "vstar", "--data", "{pope}"], "V*Bench: folder(s) direct_attributes"),
+    (["--benchmark", "pope", "--data", "{pope}", "--top-p", "0.9"], "--top-p applies only when sampling"),
+    (["--benchmark", "pope", "--data", "{pope}", "--temperature", "-1"], "--temperature must be >= 0"),
 ])
 def test_cli_eval_user_errors_are_one_line(capsys, pope, tmp_path, extra, message):
     args = ["eval", "--model", "unused", "-o", str(tmp_path)] + [a.format(pope=pope) for a in extra]

@@ -530,6 +530,29 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 _MARKERS = "osD^vP*Xh<>p"
 
 
+def _dodged(members: Sequence[RunReport]) -> list[float]:
+    """x positions (seconds per sample) with runs that would sit on top of each other (within 6%
+    of the panel's spans) moved sideways by 8% of the x span each, so every run stays visible
+    (when every run has the same latency, the span is half of it)."""
+    points = [(r.seconds_per_sample, r.value) for r in members]
+    xs = [float(x) for x, y in points if x is not None and y is not None]
+    ys = [float(y) for x, y in points if x is not None and y is not None]
+    if not xs:
+        return [0.0] * len(members)
+    x_span = (max(xs) - min(xs)) or max(abs(max(xs)) * 0.5, 1e-3)
+    y_span = (max(ys) - min(ys)) or max(abs(max(ys)) * 0.2, 1e-3)
+    placed: list[tuple[float, float]] = []
+    out = []
+    for x, y in points:
+        if x is None or y is None:
+            out.append(0.0)
+            continue
+        near = sum(1 for px, py in placed if abs(px - x) <= 0.06 * x_span and abs(py - y) <= 0.06 * y_span)
+        placed.append((float(x), float(y)))
+        out.append(float(x) + near * 0.08 * x_span)
+    return out
+
+
 def plot(report: Report, path: str | Path) -> Path:
     """Score (main metric, with its interval as an error bar) against seconds per sample; one
     panel per benchmark, decoding mode and metric. Every run is its own legend entry, numbered
@@ -551,19 +574,21 @@ def plot(report: Report, path: str | Path) -> Path:
     colours = plt.get_cmap("tab10")
     for ax, ((bench, mode, metric), members) in zip(axes[0], sorted(groups.items())):
         handles, texts, missing = [], [], []
+        xs = _dodged(members)
         for k, r in enumerate(members):
             number = k + 1
             if r.value is None or r.seconds_per_sample is None:
                 missing.append(f"{number}. {r.label}")
                 continue
             colour = colours(k % 10)
+            x = xs[k]
             err = None
             if r.interval is not None and r.interval.low is not None and r.interval.high is not None:
                 err = [[max(0.0, r.value - r.interval.low)], [max(0.0, r.interval.high - r.value)]]
-            container = ax.errorbar([r.seconds_per_sample], [r.value], yerr=err, fmt=_MARKERS[k % len(_MARKERS)],
+            container = ax.errorbar([x], [r.value], yerr=err, fmt=_MARKERS[k % len(_MARKERS)],
                                     color=colour, ecolor=colour, capsize=4, markersize=8,
                                     markerfacecolor="none" if r.errors else colour, markeredgewidth=1.6)
-            ax.annotate(str(number), (r.seconds_per_sample, r.value), textcoords="offset points", xytext=(7, 7),
+            ax.annotate(str(number), (x, r.value), textcoords="offset points", xytext=(7, 7),
                         fontsize=8, color=colour)
             text = f"{number}. {r.label}: {r.value:.1f} {_ci(r.interval)}"
             if r.versus is not None and r.versus.significant(report.alpha):
@@ -579,6 +604,10 @@ def plot(report: Report, path: str | Path) -> Path:
         ax.set_ylabel(f"{metric}{suffix}")
         ax.grid(True, alpha=0.3)
         ax.margins(0.2)
+        timed = {r.seconds_per_sample for r in members if r.seconds_per_sample is not None and r.value is not None}
+        if len(timed) == 1:  # one latency: show it with room around, not a magnified sliver
+            (only,) = timed
+            ax.set_xlim(only * 0.7, only * 1.3 + 1e-6)
         if missing:
             texts_missing = "not plotted (no score or timing): " + ", ".join(missing)
             ax.text(0.0, -0.12, texts_missing, transform=ax.transAxes, fontsize=7, va="top")
@@ -586,7 +615,7 @@ def plot(report: Report, path: str | Path) -> Path:
             ax.legend(handles, texts, loc="upper left", bbox_to_anchor=(0.0, -0.16 if missing else -0.13),
                       fontsize=7.5, frameon=False, ncol=1)
     fig.suptitle(f"innersight: score vs latency ({100 * report.level:g}% bootstrap intervals; * p < {report.alpha:g} "
-                 f"vs plain; hollow = failed samples)", fontsize=9)
+                 f"vs plain; hollow = failed samples;\nruns at the same place are spread sideways)", fontsize=9, y=1.03)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
