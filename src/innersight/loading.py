@@ -63,7 +63,8 @@ def read_model_type(path: str, trust_remote_code: bool = False) -> str:
 
 
 DEVICE_FORMS = "cpu, cuda, cuda:N (N = GPU index), mps or auto (layers spread over all GPUs)"
-_DEVICE_RE = re.compile(r"(cpu|cuda|mps|auto)(?::(\d+))?")
+#: ``meta`` (shapes without weights, for benchmarks of memory and layout) is accepted but not advertised
+_DEVICE_RE = re.compile(r"(cpu|cuda|mps|auto|meta)(?::(\d+))?")
 
 
 def check_device(device: str | None) -> str | None:
