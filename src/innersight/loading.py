@@ -62,8 +62,8 @@ def read_model_type(path: str, trust_remote_code: bool = False) -> str:
         raise ModelLoadError(f"cannot load model {path!r}{hint}: {str(exc).splitlines()[0]}") from exc
 
 
-DEVICE_FORMS = ("cpu, cuda, cuda:N (N = GPU index), mps, auto (layers spread over all GPUs) "
-                "or meta (shapes only, no weights: for size checks)")
+DEVICE_FORMS = "cpu, cuda, cuda:N (N = GPU index), mps or auto (layers spread over all GPUs)"
+#: ``meta`` (shapes without weights, for benchmarks of memory and layout) is accepted but not advertised
 _DEVICE_RE = re.compile(r"(cpu|cuda|mps|auto|meta)(?::(\d+))?")
 
 
