@@ -15,7 +15,8 @@ import pytest
 import typer
 from PIL import Image
 
-from innersight.cli import app, main
+from innersight.cli import app
+from innersight.testing.cli import run_cli
 
 # ---------------------------------------------------------------------- the table
 
@@ -131,14 +132,6 @@ def with_flag(args: list[str], flag: str, value: str) -> list[str]:
     return [*out, flag, value]
 
 
-def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, fragment: str) -> None:
@@ -167,7 +160,7 @@ def test_bad_input_is_one_line(capsys, tmp_path, paths, command, flag, value, fr
     fill = {**{k: str(v) for k, v in paths.items()}, "tmp": str(tmp_path)}
     args = [a.format(**fill) for a in BASE[command]]
     args = with_flag(args, flag, value.format(**fill))
-    code, _, err = run_cli(capsys, [command, *args])
+    code, _, err = run_cli([command, *args])
     assert_one_line_error(code, err, fragment.format(**fill))
     if flag == "--output":
         assert not any(tmp_path.rglob("*.json")), "a rejected command must not start writing"
@@ -186,7 +179,7 @@ def test_train_micro_bad_input_is_one_line(capsys, tmp_path, paths, args, fragme
     args = [a.format(**fill) for a in args]
     if "--out" not in args:
         args = ["--out", str(tmp_path / "m"), *args]
-    code, _, err = run_cli(capsys, ["train-micro", *args])
+    code, _, err = run_cli(["train-micro", *args])
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "m").exists()
 

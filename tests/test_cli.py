@@ -10,16 +10,7 @@ import pytest
 from PIL import Image
 
 from innersight.cli import main
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from innersight.testing.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def test_list_does_not_import_torch():
 
 
 def test_list_table(capsys):
-    code, out, _ = run_cli(capsys, "list")
+    code, out, _ = run_cli("list")
     assert code == 0
     assert "Qwen2.5-VL" in out and "InstructBLIP" in out
     assert "Instruments" in out and "outlier-overlap" in out and "micro-chair" in out and "max_rank=10" in out
@@ -57,11 +48,11 @@ def test_list_table(capsys):
 
 def test_answer_plain_and_json(capsys, tiny_dir, image_file):
     model = str(tiny_dir("llava"))
-    code, out, err = run_cli(capsys, "answer", "--model", model, "--image", str(image_file),
+    code, out, err = run_cli("answer", "--model", model, "--image", str(image_file),
                              "--question", "what is the color?", "--max-new-tokens", "3")
     assert code == 0, err
     plain = out.strip()
-    code, out, err = run_cli(capsys, "answer", "--model", model, "--image", str(image_file),
+    code, out, err = run_cli("answer", "--model", model, "--image", str(image_file),
                              "--question", "what is the color?", "--max-new-tokens", "3", "--json")
     assert code == 0, err
     payload = json.loads(out)
@@ -84,19 +75,19 @@ def test_answer_bad_input_is_one_line(capsys, tiny_dir, image_file, tmp_path, ar
     text = tmp_path / "notes.txt"
     text.write_text("hello, not an image")
     args = [a.format(img=image_file, text=text) for a in args]
-    code, out, err = run_cli(capsys, "answer", "--model", str(tiny_dir("llava")), *args)
+    code, out, err = run_cli("answer", "--model", str(tiny_dir("llava")), *args)
     assert code == 2
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_answer_bad_model_is_one_line(capsys, image_file, tmp_path):
-    code, _, err = run_cli(capsys, "answer", "--model", str(tmp_path), "--image", str(image_file), "--question", "q?")
+    code, _, err = run_cli("answer", "--model", str(tmp_path), "--image", str(image_file), "--question", "q?")
     assert code == 2 and "no config.json" in err and len(err.strip().splitlines()) == 1
 
 
 def test_set_without_method(capsys, tiny_dir, image_file):
-    code, _, err = run_cli(capsys, "answer", "--model", str(tiny_dir("llava")), "--image", str(image_file),
+    code, _, err = run_cli("answer", "--model", str(tiny_dir("llava")), "--image", str(image_file),
                            "--question", "q?", "--set", "deco.alpha=0.5")
     assert code == 2 and "--set" in err
 
@@ -112,7 +103,7 @@ def test_explain_writes_a_picture(capsys, tiny_dir, tmp_path):
     image = tmp_path / "wide.png"
     PILImage.new("RGB", (300, 200), "white").save(image)
     out = tmp_path / "explain.png"
-    code, stdout, err = run_cli(capsys, "explain", "--model", str(tiny_dir("llava")), "--image", str(image),
+    code, stdout, err = run_cli("explain", "--model", str(tiny_dir("llava")), "--image", str(image),
                                 "--question", "what is the digit?", "--method", "grad-att", "-o", str(out),
                                 "--max-new-tokens", "2", "--json")
     assert code == 0, err
@@ -123,7 +114,7 @@ def test_explain_writes_a_picture(capsys, tiny_dir, tmp_path):
 
 
 def test_explain_rejects_unknown_map(capsys, tiny_dir, image_file, tmp_path):
-    code, _, err = run_cli(capsys, "explain", "--model", str(tiny_dir("llava")), "--image", str(image_file),
+    code, _, err = run_cli("explain", "--model", str(tiny_dir("llava")), "--image", str(image_file),
                            "--question", "q?", "--method", "deco", "-o", str(tmp_path / "x.png"))
     assert code == 2 and "rel-att, grad-att or pure-grad" in err
 

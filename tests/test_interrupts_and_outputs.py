@@ -19,19 +19,8 @@ import pytest
 from PIL import Image
 
 import innersight
-from innersight.cli import main
 from innersight.errors import ImageError, InnersightError, UserInputError
-
-
-def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
+from innersight.testing.cli import run_cli
 
 EVAL = ["eval", "--benchmark", "micro-details", "--model", "micro", "--limit", "4", "--batch-size", "2",
         "--max-new-tokens", "2", "--json"]
@@ -63,7 +52,7 @@ def fail_on_second_batch(monkeypatch, error: BaseException) -> None:
 def test_ctrl_c_in_eval_says_how_to_resume(capsys, monkeypatch, tmp_path):
     out = tmp_path / "runs"
     fail_on_second_batch(monkeypatch, KeyboardInterrupt())
-    code, _, err = run_cli(capsys, [*EVAL, "-o", str(out)])
+    code, _, err = run_cli([*EVAL, "-o", str(out)])
     assert code == 130
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -71,7 +60,7 @@ def test_ctrl_c_in_eval_says_how_to_resume(capsys, monkeypatch, tmp_path):
     first = rows_on_disk(out)
     assert len(first) == 2
     monkeypatch.undo()
-    code, stdout, err = run_cli(capsys, [*EVAL, "-o", str(out)])
+    code, stdout, err = run_cli([*EVAL, "-o", str(out)])
     assert code == 0, err
     results = json.loads(stdout)
     assert results["counts"]["samples"] == 4 and results["resumed"] is True
@@ -87,7 +76,7 @@ def test_ctrl_c_elsewhere_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "read_model_type", interrupted)
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), "red").save(image)
-    code, _, err = run_cli(capsys, ["answer", "--model", "micro", "--image", str(image), "--question", "q?"])
+    code, _, err = run_cli(["answer", "--model", "micro", "--image", str(image), "--question", "q?"])
     assert code == 130
     assert err.strip().splitlines() == ["interrupted: nothing was kept; run the command again to start over"]
 
@@ -96,12 +85,12 @@ def test_output_error_mid_eval_is_one_line_and_keeps_finished_rows(capsys, monke
     out = tmp_path / "runs"
     full = OSError(errno.ENOSPC, "No space left on device", str(out / "x" / "samples.rank0.jsonl"))
     fail_on_second_batch(monkeypatch, full)
-    code, _, err = run_cli(capsys, [*EVAL, "-o", str(out)])
+    code, _, err = run_cli([*EVAL, "-o", str(out)])
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "No space left on device" in err and "run the same command again" in err
     assert len(rows_on_disk(out)) == 2
     monkeypatch.undo()
-    code, stdout, err = run_cli(capsys, [*EVAL, "-o", str(out)])
+    code, stdout, err = run_cli([*EVAL, "-o", str(out)])
     assert code == 0, err
     assert json.loads(stdout)["counts"] == {"samples": 4, "scored": 4, "errors": 0,
                                             "unknown": json.loads(stdout)["counts"]["unknown"]}
@@ -109,7 +98,7 @@ def test_output_error_mid_eval_is_one_line_and_keeps_finished_rows(capsys, monke
 
 def test_eval_max_new_tokens_zero_leaves_no_run_folder(capsys, tmp_path):
     out = tmp_path / "runs"
-    code, _, err = run_cli(capsys, ["eval", "--benchmark", "micro-details", "--model", "micro", "-o", str(out),
+    code, _, err = run_cli(["eval", "--benchmark", "micro-details", "--model", "micro", "-o", str(out),
                                     "--limit", "2", "--max-new-tokens", "0"])
     assert code == 2 and "--max-new-tokens must be at least 1" in err
     assert not out.exists()

@@ -8,19 +8,9 @@ import json
 import pytest
 from PIL import Image
 
-from innersight.cli import main
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+from innersight.testing.cli import run_cli
 
 
 @pytest.mark.parametrize("key", ["vicrop-rel-att", "vicrop"])
@@ -57,7 +47,7 @@ def test_the_name_fixes_the_variant():
 def test_cli_set_by_method_name_and_results_use_it(capsys, tiny_dir, tmp_path):
     image = tmp_path / "red.png"
     Image.new("RGB", (80, 50), "red").save(image)
-    code, out, err = run_cli(capsys, "answer", "--model", str(tiny_dir("llava")), "--image", str(image),
+    code, out, err = run_cli("answer", "--model", str(tiny_dir("llava")), "--image", str(image),
                              "--question", "what is the color?", "--max-new-tokens", "2", "--json",
                              "--method", "vicrop-rel-att", "--set", "vicrop-rel-att.layer=1")
     assert code == 0, err
@@ -68,12 +58,12 @@ def test_cli_set_by_method_name_and_results_use_it(capsys, tiny_dir, tmp_path):
 
 
 def test_list_shows_both_names(capsys):
-    code, out, _ = run_cli(capsys, "list", "--json")
+    code, out, _ = run_cli("list", "--json")
     assert code == 0
     methods = {m["name"]: m for m in json.loads(out)["methods"]}
     assert methods["vicrop-rel-att"]["set_names"] == ["vicrop-rel-att", "vicrop"]
     assert methods["deco"]["set_names"] == ["deco"]
-    code, out, _ = run_cli(capsys, "list")
+    code, out, _ = run_cli("list")
     lines = out.splitlines()
     row = next(i for i, line in enumerate(lines) if "vicrop-pure-grad " in line)  # not cut at 80 columns
     assert code == 0 and "--set" in out and "or vicrop " in lines[row + 1]

@@ -4,8 +4,6 @@ recorded in the answer's details and the eval row, and the CLI prints one warnin
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 
@@ -14,10 +12,10 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from innersight.cli import main
 from innersight.decode import contrast
 from innersight.decode.contrast import NegativeBranch
 from innersight.generation_calls import CACHE_NAMES, cache_argument, find_cache, output_cache
+from innersight.testing.cli import run_cli
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}
@@ -156,17 +154,6 @@ def test_asking_for_the_serial_branch_is_no_fallback(tiny_mllm, image):
 
 
 # ---------------------------------------------------------------------- the CLI and the eval row
-def _run(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_the_cli_prints_one_warning_line_and_the_json_says_which_branch_ran(tmp_path, monkeypatch, fresh_warnings):
     from PIL import Image
 
@@ -174,13 +161,13 @@ def test_the_cli_prints_one_warning_line_and_the_json_says_which_branch_ran(tmp_
     Image.new("RGB", (64, 48), "red").save(path)
     args = ["answer", "--model", "micro", "--image", str(path), "--question", "what colour is the circle?",
             "--method", "damro", "--json"]
-    code, out, err = _run(args)
+    code, out, err = run_cli(args)
     assert code == 0, err
     assert json.loads(out)["details"]["damro"]["branch"]["mode"] == "batched"
     assert "warning" not in err
     monkeypatch.setattr(contrast, "find_cache", lambda kwargs: (None, None))
     monkeypatch.setattr(contrast, "output_cache", lambda output: None)
-    code, out, err = _run(args)
+    code, out, err = run_cli(args)
     assert code == 0, err
     assert json.loads(out)["details"]["damro"]["branch"]["mode"] == "serial"
     lines = [line for line in err.splitlines() if line.strip()]

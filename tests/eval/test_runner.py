@@ -25,6 +25,7 @@ from innersight.eval.runner import (
     run_name,
     shard,
 )
+from innersight.testing.cli import run_cli
 
 N = 40  # POPE fixture size (the kill test needs a run that lasts a while)
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -310,18 +311,9 @@ def test_a_second_eval_on_the_same_folder_is_refused_naming_the_first(mllm, pope
 
 def _cli(args: list[str]) -> str:
     """Run the CLI in this process; return stdout (exit code must be 0)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(args)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    assert code == 0, err.getvalue()
-    return out.getvalue()
+    code, out, err = run_cli(args)
+    assert code == 0, err
+    return out
 
 
 # ---------------------------------------------------------------------- errors
