@@ -245,3 +245,9 @@ _method("damro", "decoding", "innersight.decode.damro:DAMRO",
 _method("vcd", "decoding", "innersight.decode.vcd:VCD",
         "VCD (baseline): contrast with a branch that sees the image distorted by diffusion noise",
         "arXiv 2311.16922 (CVPR 2024)")
+_method("m3id", "decoding", "innersight.decode.m3id:M3ID",
+        "M3ID (baseline): mutual-information decoding against the image-free prompt, growing with the answer",
+        "arXiv 2403.14003 (CVPR 2024)")
+_method("icd", "decoding", "innersight.decode.icd:ICD",
+        "ICD (baseline): contrast with a branch whose instruction carries a disturbing role prefix",
+        "arXiv 2403.18715 (Findings of ACL 2024)")
