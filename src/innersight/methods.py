@@ -251,3 +251,9 @@ _method("m3id", "decoding", "innersight.decode.m3id:M3ID",
 _method("icd", "decoding", "innersight.decode.icd:ICD",
         "ICD (baseline): contrast with a branch whose instruction carries a disturbing role prefix",
         "arXiv 2403.18715 (Findings of ACL 2024)")
+_method("pai", "decoding", "innersight.decode.pai:PAI",
+        "PAI (baseline): amplify image attention in chosen layers and contrast with the image-free prompt",
+        "arXiv 2407.21771 (ECCV 2024)")
+_method("pai-attention", "attention", "innersight.decode.pai:PAIAttention",
+        "PAI's attention part alone: amplify the image attention of the predicting row in chosen layers",
+        "arXiv 2407.21771 (ECCV 2024)", key="pai")
