@@ -257,3 +257,6 @@ _method("pai", "decoding", "innersight.decode.pai:PAI",
 _method("pai-attention", "attention", "innersight.decode.pai:PAIAttention",
         "PAI's attention part alone: amplify the image attention of the predicting row in chosen layers",
         "arXiv 2407.21771 (ECCV 2024)", key="pai")
+_method("only", "decoding", "innersight.decode.only:ONLY",
+        "ONLY (baseline): contrast with one layer's text-enhanced heads (entropy ratio), no second forward",
+        "arXiv 2507.00898 (ICCV 2025)")
