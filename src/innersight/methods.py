@@ -260,3 +260,6 @@ _method("pai-attention", "attention", "innersight.decode.pai:PAIAttention",
 _method("only", "decoding", "innersight.decode.only:ONLY",
         "ONLY (baseline): contrast with one layer's text-enhanced heads (entropy ratio), no second forward",
         "arXiv 2507.00898 (ICCV 2025)")
+_method("vista", "decoding", "innersight.decode.vista:VISTA",
+        "VISTA (baseline): steer the residual stream towards the image, mix in late layers' logits",
+        "arXiv 2502.03628 (ICML 2025)")
