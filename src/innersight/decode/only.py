@@ -123,6 +123,11 @@ class EnhancedBranch:
     """Hooks of one generate call: the enhanced attention output at ``layer`` and the last layer's
     input and output, last position only; :meth:`logits` gives ``l_cd`` [B, V] of the latest forward."""
 
+    #: how the branch runs (for reports beside the negative branches): inside the main forward
+    mode = "in-forward"
+    #: extra forwards it costs: none
+    steps = 0
+
     def __init__(self, mllm: Any, batch: Any, config: ONLYConfig) -> None:
         adapter = mllm.adapter
         if config.layer >= adapter.num_layers - 1:
