@@ -22,8 +22,10 @@ from typing import Any
 #: held-out seed: training draws from (seed=0, step); evaluation inside training uses other seeds
 DEMO_SEED = 20261121
 
-#: the four papers' methods (the baselines vcd and dola run with `--method`)
-DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "deco", "damro", "var")
+#: the four papers' methods, the ViCrop crop gate and the training-free baselines PAI, M3ID, ICD,
+#: VISTA and ONLY (vcd and dola run with `--method`)
+DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "vicrop-gated", "deco",
+                                     "damro", "var", "pai", "m3id", "icd", "vista", "only")
 
 
 @dataclass(frozen=True)
