@@ -144,3 +144,13 @@ def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family)
         torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
     with pytest.raises(MethodError, match="beam search"):
         mllm.answer(image(0), "what is it?", methods=["vista"], num_beams=2)
+
+
+def test_composes_with_an_attention_method(tiny_mllm, image):
+    mllm = tiny_mllm("llava", num_layers=4)  # VAR modifies layers 2..N-2
+    settings = {"var": {"sink_dims": "0", "tau": "0.5"}, "vista": {"lam": "1.0"}}
+    both = mllm.answer_batch([image(0), image(1, 50, 80)], QUESTIONS, methods=["var", "vista"], settings=settings,
+                             max_new_tokens=4)
+    alone = [mllm.answer(i, q, methods=["var", "vista"], settings=settings, max_new_tokens=4).token_ids
+             for i, q in zip([image(0), image(1, 50, 80)], QUESTIONS)]
+    assert [a.token_ids for a in both] == alone

@@ -6,7 +6,8 @@ Visual Information Steering", ICML 2025, arXiv 2502.03628; reference code LzVv12
 Visual steering vector (VSV, Sec. 4.1). Before generating, the prompt *with* the image (positive)
 and the same prompt *without* it (negative, :func:`~.image_free.image_free_inputs`) run as one
 batch of ``2B`` rows; at every decoder block ``l`` the difference of their residual streams at
-the last position is that sample's steering vector ``v_l = h_l^+ - h_l^-``. During generation
+the last position is that sample's steering vector ``v_l = h_l^+ - h_l^-`` (plain attention: an attention method of the same call, e.g. VAR, acts on
+the answer's forwards only). During generation
 every block's output ``h`` (all positions, prefill and decoding steps) is steered towards it,
 keeping its norm, as in the reference's in-context-vector layer::
 
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
+from ..attention import handler_rows
 from ..errors import MethodError
 from ..hooks import HookHandles
 from .contrast import NegativeInputs, check_generation, splice_images
@@ -130,7 +132,8 @@ def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
             flat += len(sizes)
         both = _stack(splice_images(adapter, batch, per_sample), image_free_inputs(adapter, batch))
         capture = EarlyExit(adapter, range(1, adapter.num_layers + 1))
-        with capture:
+        # an attention method of the same call (e.g. VAR) acts on the answer's forwards, not on this one
+        with capture, handler_rows(adapter.decoder_layers, 0):
             adapter.generation_module(inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask,
                                       position_ids=both.position_ids, use_cache=False)
             hidden = capture.hidden().float()  # [2B, N, D]
