@@ -17,8 +17,10 @@ of innersight)::
 
 For each method both libraries have, a mitigv worker process (driven over a pipe, one call at a
 time) and this process alternate calls round by round, each generating ``--tokens`` greedy tokens
-about the same image and question with its own default settings for that method (mitigv has no
-``min_new_tokens``; its answer length is reported, and times are compared per generated token).
+about the same image and question with its own default settings for that method. mitigv has no
+``min_new_tokens``: the driver turns its end-of-sequence stop off (``_eos_token_id -> None``) so that
+both produce exactly ``--tokens`` tokens, and counts its decoding steps; times are compared per
+generated token.
 The reported ratio is innersight / mitigv (below 1: innersight faster). A method mitigv cannot run
 is reported with its error, not hidden.
 """
@@ -111,11 +113,21 @@ for line in sys.stdin:
     try:
         with mitigate(name, model=model, processor=processor, max_new_tokens=int(tokens), do_sample=False,
                       **overrides.get(name, {})) as f:
+            # the same answer length as innersight's min_new_tokens = max_new_tokens: no stop at EOS,
+            # and the decoding steps counted (the random model's ids need not decode to text)
+            f._eos_token_id = lambda: None
+            steps = [0]
+            step_logits = f._step_logits
+
+            def counted(*args, **kwargs):
+                steps[0] += 1
+                return step_logits(*args, **kwargs)
+
+            f._step_logits = counted
             t0 = time.perf_counter()
             text = f(image, question)
             elapsed = time.perf_counter() - t0
-        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        print(json.dumps({"ok": True, "seconds": elapsed, "tokens": n, "text": text}), flush=True)
+        print(json.dumps({"ok": True, "seconds": elapsed, "tokens": steps[0], "text": text}), flush=True)
     except Exception as exc:
         print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}",
                           "where": traceback.format_exc().strip().splitlines()[-3:]}), flush=True)
