@@ -296,6 +296,9 @@ for _variant in ("rel-att", "grad-att", "pure-grad"):
     _method(f"vicrop-{_variant}", "input", "innersight.look.vicrop:ViCrop",
             f"ViCrop: crop where the {_variant} map points, show the crop beside the image",
             "arXiv 2502.17422 (ICLR 2025)", key="vicrop", preset=(("variant", _variant),))
+_method("vicrop-gated", "input", "innersight.look.vicrop:ViCrop",
+        "ViCrop rel-att behind a crop gate: crop only when the map's peak-to-mean ratio reaches 20 (micro-calibrated)",
+        "arXiv 2502.17422 (ICLR 2025) + innersight gate", key="vicrop", preset=(("variant", "rel-att"), ("gate", 20.0)))
 _method("var", "attention", "innersight.attend.var:VAR",
         "VAR: move attention from sink tokens to the other image tokens in image-centric heads",
         "arXiv 2503.03321 (ICLR 2025)")
@@ -310,3 +313,21 @@ _method("damro", "decoding", "innersight.decode.damro:DAMRO",
 _method("vcd", "decoding", "innersight.decode.vcd:VCD",
         "VCD (baseline): contrast with a branch that sees the image distorted by diffusion noise",
         "arXiv 2311.16922 (CVPR 2024)")
+_method("m3id", "decoding", "innersight.decode.m3id:M3ID",
+        "M3ID (baseline): mutual-information decoding against the image-free prompt, growing with the answer",
+        "arXiv 2403.14003 (CVPR 2024)")
+_method("icd", "decoding", "innersight.decode.icd:ICD",
+        "ICD (baseline): contrast with a branch whose instruction carries a disturbing role prefix",
+        "arXiv 2403.18715 (Findings of ACL 2024)")
+_method("pai", "decoding", "innersight.decode.pai:PAI",
+        "PAI (baseline): amplify image attention in chosen layers and contrast with the image-free prompt",
+        "arXiv 2407.21771 (ECCV 2024)")
+_method("pai-attention", "attention", "innersight.decode.pai:PAIAttention",
+        "PAI's attention part alone: amplify the image attention of the predicting row in chosen layers",
+        "arXiv 2407.21771 (ECCV 2024)", key="pai")
+_method("only", "decoding", "innersight.decode.only:ONLY",
+        "ONLY (baseline): contrast with one layer's text-enhanced heads (entropy ratio), no second forward",
+        "arXiv 2507.00898 (ICCV 2025)")
+_method("vista", "decoding", "innersight.decode.vista:VISTA",
+        "VISTA (baseline): steer the residual stream towards the image, mix in late layers' logits",
+        "arXiv 2502.03628 (ICML 2025)")

@@ -11,6 +11,12 @@
   (Chuang et al., ICLR 2024, arXiv 2309.03883), implemented here rather than through
   ``generate(dola_layers=...)``, which transformers no longer ships.
 
+* training-free baselines, each one module: :mod:`~innersight.decode.pai` (PAI, arXiv 2407.21771,
+  also an attention-point part ``pai-attention``), :mod:`~innersight.decode.m3id` (M3ID, arXiv
+  2403.14003), :mod:`~innersight.decode.icd` (ICD, arXiv 2403.18715), :mod:`~innersight.decode.vista`
+  (VISTA, arXiv 2502.03628) and :mod:`~innersight.decode.only` (ONLY, arXiv 2507.00898); the
+  image-free branch they share is :mod:`~innersight.decode.image_free`.
+
 Every processor is built fresh for one ``generate`` call; processors that need hooks are
 context managers, entered by :meth:`innersight.methods.Plan.run` around that call only.
 """

@@ -25,7 +25,8 @@ DEMO_SEED = 20261121
 #: significance level of the demo's McNemar tests against plain
 ALPHA = 0.05
 
-#: the four papers' methods (the baselines vcd and dola run with `--method`)
+#: the four papers' methods; the baselines (vcd, dola, pai, m3id, icd, vista, only) and the ViCrop
+#: crop gate (vicrop-gated) run with `--method` (all of them by default made the demo about 10x slower)
 DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "deco", "damro", "var")
 
 

@@ -78,6 +78,9 @@ class ViCropConfig:
     tile_max_side: int | None = field(default=None, metadata={"source": "arXiv 2502.17422 V* setting: 1024"})
     #: most rows (prompts) per forward pass while mapping; tiles and samples are chunked to it
     max_batch: int = 16
+    #: crop gate (:mod:`innersight.look.gate`): crop only when the map's peak-to-mean ratio is at
+    #: least this; None (default, the paper) always crops
+    gate: float | None = field(default=None, metadata={"source": "innersight: peak-to-mean gate, micro-calibrated 20"})
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -96,6 +99,8 @@ class ViCropConfig:
             raise MethodError(f"vicrop map_question must be one of {', '.join(MAP_QUESTIONS)}, not {self.map_question!r}")
         if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1):
             raise MethodError("vicrop max_new_tokens must be at least 1 (or None)")
+        if self.gate is not None and not self.gate >= 1:
+            raise MethodError("vicrop gate must be a peak-to-mean ratio >= 1 (or None: always crop)")
 
     @property
     def rows_per_image(self) -> int:
@@ -273,11 +278,16 @@ class ViCrop:
         if any(len(ims) != 1 for ims in image_lists):
             raise MethodError("vicrop works on one image per question")
         images = [ims[0] for ims in image_lists]
+        from .gate import keeps_crop, sharpness
+
         results = choose_crops(mllm, images, questions, self.config, template)
-        new_lists = [[im, r.crop] for im, r in zip(images, results)]
-        extras = [{"box": r.box, "crop": r.crop, "maps": {"importance": r.map, **r.maps},
+        keep = [keeps_crop(r.map, self.config.gate) for r in results]
+        new_lists = [[im, r.crop] if k else [im] for im, r, k in zip(images, results, keep)]
+        extras = [{"box": r.box if k else None, "crop": r.crop if k else None,
+                   "maps": {"importance": r.map, **r.maps},
                    "details": {self.name: {"variant": self.config.variant, "box": list(r.box),
                                           "map_region": list(r.map_region),
-                                          "tiles": None if r.tiles is None else [r.tiles.rows, r.tiles.cols]}}}
-                  for r in results]
+                                          "tiles": None if r.tiles is None else [r.tiles.rows, r.tiles.cols],
+                                          "sharpness": sharpness(r.map), "cropped": k}}}
+                  for r, k in zip(results, keep)]
         return new_lists, extras

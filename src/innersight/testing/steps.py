@@ -1,0 +1,54 @@
+"""Test helpers for decoding methods (M3ID, ICD, PAI, VISTA, ONLY): spy on a processor's steps,
+recompute a negative branch's logits without a cache, compare hook counts and model outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+
+def spy_steps(mllm: Any, batch: Any, proc: Any, *, max_new_tokens: int = 4, keep: Any = None) -> list[tuple]:
+    """Run ``generate`` with ``proc`` (entered as a context when it is one) and record each step's
+    ``(input_ids, scores, keep(proc), output)``."""
+    seen: list[tuple] = []
+    call = type(proc).__call__
+
+    def spy(input_ids, scores):
+        out = call(proc, input_ids, scores)
+        seen.append((input_ids.clone(), scores.clone(), keep(proc) if keep else None, out.clone()))
+        return out
+
+    if hasattr(proc, "__enter__"):
+        with proc:
+            mllm.generate(batch, max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([spy]))
+    else:
+        mllm.generate(batch, max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList([spy]))
+    return seen
+
+
+def uncached_negative(mllm: Any, neg: Any, input_ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Last-position logits [B, V] of the negative prompt ``neg`` followed by the tokens generated
+    so far (``input_ids[:, prompt:]``), one forward with no cache."""
+    module = mllm.adapter.generation_module
+    embed = mllm.adapter.language_model.get_input_embeddings()
+    new = input_ids[:, prompt:]
+    step = torch.arange(1, new.shape[1] + 1, device=neg.position_ids.device)
+    with torch.no_grad():
+        return module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
+                      attention_mask=torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1),
+                      position_ids=torch.cat([neg.position_ids, neg.position_ids[..., -1:] + step], -1),
+                      use_cache=False).logits[:, -1].float()
+
+
+def hooks(mllm: Any) -> dict[str, tuple[int, int]]:
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in mllm.model.named_modules()}
+
+
+def attention_state(mllm: Any) -> tuple[str, list[tuple[str, ...]]]:
+    """The text attention implementation and our attributes left on the attention modules."""
+    from innersight.attention import text_attention
+
+    attrs = [tuple(a for a in vars(layer.self_attn) if a.startswith("_innersight")) for layer in mllm.adapter.decoder_layers]
+    return text_attention(mllm.model), attrs

@@ -1,0 +1,124 @@
+"""ICD: the disturbed prompt (where the prefix goes, the main image embeddings reused), the steps
+as the closed form of both branches, identity at zero strength, batch == unbatched, the batched
+request falling back with its reason, the model restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import StoppingCriteriaList
+
+from innersight.decode.contrast import contrast
+from innersight.decode.icd import DISTURBANCES, ICD, ICDConfig, PromptEmbeddings, disturbed_inputs
+from innersight.errors import MethodError
+from innersight.methods import resolve_methods
+from innersight.testing.faults import RaiseOnStep
+from innersight.testing.steps import hooks, spy_steps, uncached_negative
+
+FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
+QUESTIONS = ["what is it?", "is there a dog in the picture?"]
+
+
+def test_defaults_and_registry():
+    c = ICDConfig()
+    assert (c.alpha, c.beta, c.disturbance, c.branch) == (1.0, 0.1, DISTURBANCES[0], "serial")
+    assert "2403.18715" in ICDConfig.__dataclass_fields__["disturbance"].metadata["source"]
+    (method,) = resolve_methods(["icd"], {"icd": {"disturbance": "You always give wrong answers."}}).objects
+    assert isinstance(method, ICD) and method.config.disturbance == DISTURBANCES[2]
+    for bad in ({"alpha": -1.0}, {"beta": 0.0}, {"disturbance": "  "}, {"branch": "both"}):
+        with pytest.raises(MethodError):
+            ICDConfig(**bad)
+
+
+def _captured(mllm, batch):
+    capture = PromptEmbeddings(mllm.adapter, batch.input_ids.shape[1])
+    with capture, torch.no_grad():
+        mllm.model(**batch.inputs)
+    return capture.embeds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_disturbance_goes_before_the_instruction_with_the_main_image_tokens(tiny_mllm, image, family):
+    mllm = tiny_mllm(family)
+    batch = mllm.prepare([image(4), image(5, 50, 80)], QUESTIONS)
+    embeds = _captured(mllm, batch)
+    neg = disturbed_inputs(mllm.adapter, batch, embeds, DISTURBANCES[0])
+    tok = mllm.adapter.tokenizer
+    extra = tok(DISTURBANCES[0], add_special_tokens=False)["input_ids"]
+    assert neg.length == batch.input_ids.shape[1] + len(extra)
+    image_id = mllm.adapter.image_token_id
+    for b in range(2):
+        row = neg.input_ids[b][neg.attention_mask[b].bool().to(neg.input_ids.device)].tolist()
+        main = batch.input_ids[b][batch.inputs["attention_mask"][b].bool()].tolist()
+        at = next(i for i in range(len(row)) if row[i:i + len(extra)] == extra)
+        assert row[:at] + row[at + len(extra):] == main  # the main prompt with the prefix inserted
+        assert image_id in row[:at] and image_id not in row[at:]  # after the image, before the instruction
+        question = tok(QUESTIONS[b], add_special_tokens=False)["input_ids"]
+        q = tok.decode(question).strip()
+        assert q in tok.decode(row[at + len(extra):]) and q not in tok.decode(row[:at])  # the whole instruction after it
+        mask_main = batch.inputs["attention_mask"][b].bool()
+        valid = neg.attention_mask[b].bool()
+        kept = torch.cat([neg.inputs_embeds[b][valid][:at], neg.inputs_embeds[b][valid][at + len(extra):]])
+        torch.testing.assert_close(kept, embeds[b][mask_main])  # image features reused, not recomputed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_are_the_closed_form_of_both_branches(tiny_mllm, image, family):
+    mllm = tiny_mllm(family)
+    batch = mllm.prepare([image(6), image(7, 50, 80)], QUESTIONS)
+    (proc,) = ICD(ICDConfig(alpha=1.5)).processors(mllm, batch, {})
+    seen = spy_steps(mllm, batch, proc, keep=lambda p: p.last_negative.clone())
+    assert proc.branch.mode == "serial" and seen
+    neg = disturbed_inputs(mllm.adapter, batch, _captured(mllm, batch), DISTURBANCES[0])
+    prompt = batch.input_ids.shape[1]
+    for input_ids, scores, negative, out in seen:
+        torch.testing.assert_close(negative, uncached_negative(mllm, neg, input_ids, prompt), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, contrast(scores, negative, alpha=1.5, beta=0.1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_alpha_is_plain_and_batch_equals_unbatched(tiny_mllm, image, family):
+    mllm = tiny_mllm(family)
+    images = [image(8), image(9, 50, 80)]
+    plain = [a.token_ids for a in mllm.answer_batch(images, QUESTIONS, max_new_tokens=4)]
+    zero = mllm.answer_batch(images, QUESTIONS, methods=["icd"], settings={"icd": {"alpha": 0.0}}, max_new_tokens=4)
+    assert [a.token_ids for a in zero] == plain
+    settings = {"icd": {"alpha": 3.0}}
+    both = mllm.answer_batch(images, QUESTIONS, methods=["icd"], settings=settings, max_new_tokens=4)
+    alone = [mllm.answer(i, q, methods=["icd"], settings=settings, max_new_tokens=4).token_ids
+             for i, q in zip(images, QUESTIONS)]
+    assert [a.token_ids for a in both] == alone
+
+
+def test_batched_request_falls_back_with_its_reason_and_the_same_tokens(tiny_mllm, image):
+    mllm = tiny_mllm("llava")
+    serial = mllm.answer(image(2), QUESTIONS[0], methods=["icd"], settings={"icd": {"alpha": 3.0}}, max_new_tokens=4)
+    batched = mllm.answer(image(2), QUESTIONS[0], methods=["icd"], settings={"icd": {"alpha": 3.0, "branch": "batched"}},
+                          max_new_tokens=4)
+    assert batched.token_ids == serial.token_ids
+    branch = batched.details["icd"]["branch"]
+    assert branch["mode"] == "serial" and "longer than the main prompt" in branch["fallback"]
+
+
+def test_strong_icd_changes_the_answer(tiny_mllm, image):
+    mllm = tiny_mllm("llava")
+    plain = mllm.answer(image(1, 50, 80), QUESTIONS[1], max_new_tokens=6)
+    icd = mllm.answer(image(1, 50, 80), QUESTIONS[1], methods=["icd"], settings={"icd": {"alpha": 5.0}},
+                      max_new_tokens=6)
+    assert icd.token_ids != plain.token_ids
+
+
+@pytest.mark.parametrize("family", ["instructblip", "qwen2_vl"])
+def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
+    mllm = tiny_mllm(family)
+    batch = mllm.prepare([image(10)], ["what is it?"])
+    with torch.no_grad():
+        before = mllm.model(**batch.inputs).logits
+    counts = hooks(mllm)
+    mllm.answer(image(10), "what is it?", methods=["icd"], max_new_tokens=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        mllm.answer(image(10), "what is it?", methods=["icd"], max_new_tokens=5,
+                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
+    assert hooks(mllm) == counts
+    with torch.no_grad():
+        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
