@@ -39,6 +39,7 @@ from ..adapters.base import Batch, ImageLayout
 from ..adapters.geometry import GridView
 from ..attention import StopForward, layer_handlers, row_probabilities, sdpa_forward
 from ..errors import MethodError
+from ..generation_calls import last_logits_kwargs
 
 
 @dataclass
@@ -177,7 +178,8 @@ def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: i
     adapter = mllm.adapter
     with grid_projection(adapter, qformer_block) as project, torch.enable_grad(), \
             layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
-        logits = mllm.model(**batch.inputs, use_cache=False).logits  # [B, L, V]
+        # the lm_head at the last position only: v reads nothing else
+        logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
         value = answer_confidence(logits).sum()  # rows are independent: one backward for all
         assert capture.graph_probs is not None and capture.probs is not None
         (grad,) = torch.autograd.grad(value, [capture.graph_probs])  # [B, H, 1, L]

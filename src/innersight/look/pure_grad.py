@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import MethodError
+from ..generation_calls import last_logits_kwargs
 from .maps import answer_confidence
 
 #: ViCrop's high-pass filter: Gaussian blur kernel 3 (sigma 0.8, torchvision's default for that
@@ -67,7 +68,8 @@ def pure_grad_maps(mllm: Any, images: list[Any], questions: list[str], config: A
     pixel_values = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
     inputs = {**batch.inputs, "pixel_values": pixel_values}
     with torch.enable_grad():
-        logits = mllm.model(**inputs, use_cache=False).logits  # [2n, L, V]
+        # the lm_head at the last position only: v reads nothing else
+        logits = mllm.model(**inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [2n, 1 or L, V]
         (grad,) = torch.autograd.grad(answer_confidence(logits).sum(), [pixel_values])
     eps = 0.0 if config.official else config.epsilon
     out = []

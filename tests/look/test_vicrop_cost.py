@@ -1,0 +1,54 @@
+"""ViCrop's cost cuts keep the maps: the lm_head at the last position only (grad-att, pure-grad),
+on every family, against the full-logits computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from innersight import generation_calls
+from innersight.generation_calls import last_logits_kwargs
+from innersight.look.vicrop import ViCropConfig, importance_maps
+
+FAMILIES = ("llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl")
+
+
+def _scene(w: int = 90, h: int = 60, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_logits_only_on_every_family(tiny_mllm, family):
+    mllm = tiny_mllm(family)
+    keep = last_logits_kwargs(mllm.model)
+    assert keep == {"logits_to_keep": 1}, f"{family}: the lm_head would run on every prompt position"
+    batch = mllm.prepare([_scene(), _scene(seed=1)], ["what is it?", "is there a red star here?"])
+    with torch.inference_mode():
+        full = mllm.model(**batch.inputs, use_cache=False).logits  # [B, L, V]
+        last = mllm.model(**batch.inputs, use_cache=False, **keep).logits  # [B, 1, V]
+    assert last.shape == (full.shape[0], 1, full.shape[2])
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "instructblip", "qwen2_vl"])
+@pytest.mark.parametrize("variant", ["grad-att", "pure-grad"])
+def test_gradient_maps_same_with_last_logits_only(tiny_mllm, monkeypatch, family, variant):
+    mllm = tiny_mllm(family)
+    images = [_scene(seed=2), _scene(120, 80, seed=3)]
+    questions = ["what is the digit in the red circle?", "what colour is the star?"]
+    config = ViCropConfig(variant=variant, layer=1, qformer_block=1)
+    cut = importance_maps(mllm, images, questions, config)
+    from innersight.look import maps, pure_grad
+
+    for module in (maps, pure_grad):
+        monkeypatch.setattr(module, "last_logits_kwargs", lambda model: {})
+    full = importance_maps(mllm, images, questions, config)
+    monkeypatch.undo()
+    assert generation_calls.last_logits_kwargs(mllm.model)  # the cut path really was the cut one
+    for (m_cut, _, raw_cut), (m_full, _, raw_full) in zip(cut, full):
+        np.testing.assert_allclose(m_cut, m_full, rtol=1e-4, atol=1e-9)
+        for key in raw_full:
+            np.testing.assert_allclose(raw_cut[key], raw_full[key], rtol=1e-4, atol=1e-9)
