@@ -52,3 +52,45 @@ def test_gradient_maps_same_with_last_logits_only(tiny_mllm, monkeypatch, family
         np.testing.assert_allclose(m_cut, m_full, rtol=1e-4, atol=1e-9)
         for key in raw_full:
             np.testing.assert_allclose(raw_cut[key], raw_full[key], rtol=1e-4, atol=1e-9)
+
+
+def _layer0_tokens(mllm, run) -> tuple[int, object]:
+    """(positions the first decoder layer processed, result of ``run()``)."""
+    seen = []
+    hook = mllm.adapter.decoder_layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel())),
+        with_kwargs=True)
+    try:
+        result = run()
+    finally:
+        hook.remove()
+    return sum(seen), result
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_rel_att_shared_prefix_same_maps_less_work(tiny_mllm, family):
+    mllm = tiny_mllm(family)
+    images = [_scene(seed=4), _scene(120, 80, seed=5), _scene(70, 70, seed=6)]
+    questions = ["what is the digit in the red circle?", "what colour is the star?\nAnswer briefly.", "is it?"]
+    shared_tokens, shared = _layer0_tokens(
+        mllm, lambda: importance_maps(mllm, images, questions, ViCropConfig(layer=1)))
+    joint_tokens, joint = _layer0_tokens(
+        mllm, lambda: importance_maps(mllm, images, questions, ViCropConfig(layer=1, shared_prefix=False)))
+    # the image tokens (16 per image on the tiny LLaVA) went through the decoder once, not twice
+    assert shared_tokens < joint_tokens - 16 * len(images)
+    for (m_s, view_s, raw_s), (m_j, view_j, raw_j) in zip(shared, joint):
+        assert view_s == view_j
+        np.testing.assert_allclose(m_s, m_j, rtol=1e-4)
+        for key in ("question", "generic"):
+            np.testing.assert_allclose(raw_s[key], raw_j[key], rtol=1e-4, atol=1e-9)
+
+
+def test_rel_att_shared_prefix_declines_other_families(tiny_mllm):
+    from innersight.look.maps import pair_capture
+    from innersight.look.vicrop import generic_prompt
+
+    for family in ("qwen2_vl", "instructblip"):
+        mllm = tiny_mllm(family)
+        q = "what is it?"
+        batch = mllm.prepare([_scene()] * 2, [q, generic_prompt(q, ViCropConfig())])
+        assert pair_capture(mllm, batch, 1) is None, family

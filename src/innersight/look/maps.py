@@ -150,14 +150,30 @@ def forward_capture(mllm: Any, batch: Batch, layer: int, *, stop_after: bool) ->
     return capture.probs
 
 
-def attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
+def pair_capture(mllm: Any, batch: Batch, layer: int) -> torch.Tensor | None:
+    """The last row's attention at ``layer`` ([B, H, L]) for a batch of prompt pairs (rows ``i``
+    and ``B/2 + i`` about the same image) with each pair's image and shared prefix encoded once
+    (:mod:`innersight.look.prefix`); None where that path does not apply."""
+    from .prefix import shared_prefix_capture
+
+    if len(batch) % 2:
+        return None
+    capture = AttentionCapture(layer, stop_after=True)
+    return shared_prefix_capture(mllm, batch, len(batch) // 2, layer, capture.handler, lambda: capture.probs)
+
+
+def attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2,
+                   pairs: bool = False) -> list[tuple[np.ndarray, GridView]]:
     """Head-averaged attention of each row's last position over its first image: (map, view).
 
     ``qformer_block``: the Q-Former cross-attention block of the second stage (query-token
-    families only; see the module docstring).
+    families only; see the module docstring). ``pairs``: rows ``i`` and ``B/2 + i`` share an
+    image and a prompt prefix, encoded once where the family allows (:func:`pair_capture`).
     """
     with grid_projection(mllm.adapter, qformer_block) as project:
-        probs = forward_capture(mllm, batch, layer, stop_after=True)  # [B, H, L]
+        probs = pair_capture(mllm, batch, layer) if pairs else None
+        if probs is None:
+            probs = forward_capture(mllm, batch, layer, stop_after=True)  # [B, H, L]
     mean = probs.mean(dim=1)  # [B, L]
     return [project(mean[b], batch, b) for b in range(len(batch))]
 
