@@ -198,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--batch", type=int, default=1, help="samples per call in the main table")
     p.add_argument("--scaling", default=None, help="batch sizes, e.g. 1,2,4,8: the batch-scaling table instead")
+    p.add_argument("--variants", default=None, help="variants of the main table (default: all; plain always)")
     p.add_argument("--methods", default=None, help="methods of the scaling table (default: all of SCALING_METHODS)")
     p.add_argument("--capture-memory", action="store_true", help="rel-att pair-capture memory vs a plain prefill")
     args = p.parse_args(argv)
@@ -230,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{m:<12}" + "".join(f"{tput[b] / tput[sizes[0]]:>13.2f}x ({tput[b]:.3f})" for b in sizes))
             write_json(args.json, args, {}, results, scaling={m: {str(b): v for b, v in t.items()} for m, t in scaling.items()})
             return 0
-        variants = [v for v in VARIANTS if args.batch == 1 or v != "reference-rel-att"]
+        variants = [v for v in (args.variants.split(",") if args.variants else VARIANTS)
+                    if args.batch == 1 or v != "reference-rel-att"]
+        if "plain" not in variants or set(variants) - set(VARIANTS):
+            raise SystemExit(f"--variants: plain and any of {', '.join(VARIANTS)}")
         results = measure(vicrop_calls, variants, options)
     rows = summarise(results)
 
@@ -243,9 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(header(args) + f" batch={args.batch} load_after={os.getloadavg()[0]:.1f}")
     print(table(rows, {"x reference (total)": x_ref, "proxy target (total)": target}))
-    same = rows["rel-att"]["token_ids"] == rows["rel-att-joint"]["token_ids"]
-    print(f"rel-att shared prefix / joint: total x{_ratio(rows['rel-att']['total_s'], rows['rel-att-joint']['total_s']):.2f}, "
-          f"same answer tokens: {same}")
+    if "rel-att" in rows and "rel-att-joint" in rows:
+        same = rows["rel-att"]["token_ids"] == rows["rel-att-joint"]["token_ids"]
+        print(f"rel-att shared prefix / joint: total x{_ratio(rows['rel-att']['total_s'], rows['rel-att-joint']['total_s']):.2f}, "
+              f"same answer tokens: {same}")
     write_json(args.json, args, rows, results, targets=TARGETS)
     return 0
 

@@ -94,3 +94,28 @@ def test_rel_att_shared_prefix_declines_other_families(tiny_mllm):
         q = "what is it?"
         batch = mllm.prepare([_scene()] * 2, [q, generic_prompt(q, ViCropConfig())])
         assert pair_capture(mllm, batch, 1) is None, family
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_grad_att_records_the_graph_from_its_layer_on(tiny_mllm, family):
+    mllm = tiny_mllm(family)
+    layers = mllm.adapter.decoder_layers
+    seen = {}
+
+    def record(index):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            seen[index] = hidden.requires_grad
+        return hook
+
+    handles = [layers[i].register_forward_hook(record(i)) for i in (0, 1)]
+    try:
+        importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant="grad-att", layer=1))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == {0: False, 1: True}  # no graph below the capture layer, one from it on
+    with torch.no_grad():
+        importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant="grad-att", layer=1))
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()

@@ -184,6 +184,25 @@ def answer_confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(last, dim=-1).max(dim=-1).values
 
 
+@contextlib.contextmanager
+def grad_from(module: Any) -> Iterator[None]:
+    """Record the autograd graph from ``module``'s forward on only: everything before it (the
+    vision tower, the decoder layers below) runs without a graph, since dv/dA at that layer
+    never reaches them (its attention probabilities are the only input differentiated)."""
+    previous = torch.is_grad_enabled()
+
+    def enable(*args: Any) -> None:
+        torch.set_grad_enabled(True)
+
+    handle = module.register_forward_pre_hook(enable)
+    try:
+        torch.set_grad_enabled(False)
+        yield
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(previous)
+
+
 def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
     """grad-att: A ⊙ ReLU(dv/dA) at ``layer``, head-averaged, one pass with the question only.
 
@@ -192,11 +211,12 @@ def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: i
     """
     capture = AttentionCapture(layer, stop_after=False, keep_graph=True)
     adapter = mllm.adapter
-    with grid_projection(adapter, qformer_block) as project, torch.enable_grad(), \
+    with grid_projection(adapter, qformer_block) as project, grad_from(adapter.decoder_layers[layer]), \
             layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
         # the lm_head at the last position only: v reads nothing else
         logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
-        value = answer_confidence(logits).sum()  # rows are independent: one backward for all
+        with torch.enable_grad():
+            value = answer_confidence(logits).sum()  # rows are independent: one backward for all
         assert capture.graph_probs is not None and capture.probs is not None
         (grad,) = torch.autograd.grad(value, [capture.graph_probs])  # [B, H, 1, L]
     weighted = (capture.probs * torch.relu(grad[:, :, 0, :])).mean(dim=1)  # [B, L]
