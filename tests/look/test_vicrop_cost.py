@@ -119,3 +119,25 @@ def test_grad_att_records_the_graph_from_its_layer_on(tiny_mllm, family):
         importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant="grad-att", layer=1))
         assert not torch.is_grad_enabled()
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("variant", ["grad-att", "pure-grad"])
+def test_gradient_maps_freeze_parameters_for_the_pass_only(tiny_mllm, monkeypatch, variant):
+    mllm = tiny_mllm("llava")
+    before = [p.requires_grad for p in mllm.model.parameters()]
+    assert any(before)
+    frozen_during = []
+    original = mllm.model.forward
+
+    def spy(*args, **kwargs):
+        frozen_during.append(not any(p.requires_grad for p in mllm.model.parameters()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.model, "forward", spy)
+    importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant=variant, layer=1))
+    assert frozen_during == [True]
+    monkeypatch.setattr(mllm.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant=variant, layer=1))
+    monkeypatch.undo()
+    assert [p.requires_grad for p in mllm.model.parameters()] == before

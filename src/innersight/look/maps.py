@@ -185,19 +185,39 @@ def answer_confidence(logits: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def grad_from(module: Any) -> Iterator[None]:
-    """Record the autograd graph from ``module``'s forward on only: everything before it (the
-    vision tower, the decoder layers below) runs without a graph, since dv/dA at that layer
-    never reaches them (its attention probabilities are the only input differentiated)."""
+def frozen_parameters(model: Any) -> Iterator[None]:
+    """The model's parameters without ``requires_grad`` for the block (restored after): the
+    gradient maps differentiate inputs only, so the forward need not keep what weight gradients
+    would need, and the graph carries activations only."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def grad_from(module: Any, model: Any) -> Iterator[None]:
+    """Record the autograd graph from ``module``'s forward on only, its hidden-state input the
+    leaf: everything before it (the vision tower, the decoder layers below) runs without a
+    graph, since dv/dA at that layer never reaches them (its attention probabilities are the only
+    thing differentiated). ``model``'s parameters are frozen for the block (:func:`frozen_parameters`)."""
     previous = torch.is_grad_enabled()
 
-    def enable(*args: Any) -> None:
+    def enable(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         torch.set_grad_enabled(True)
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
-    handle = module.register_forward_pre_hook(enable)
+    handle = module.register_forward_pre_hook(enable, with_kwargs=True)
     try:
         torch.set_grad_enabled(False)
-        yield
+        with frozen_parameters(model):
+            yield
     finally:
         handle.remove()
         torch.set_grad_enabled(previous)
@@ -211,7 +231,7 @@ def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: i
     """
     capture = AttentionCapture(layer, stop_after=False, keep_graph=True)
     adapter = mllm.adapter
-    with grid_projection(adapter, qformer_block) as project, grad_from(adapter.decoder_layers[layer]), \
+    with grid_projection(adapter, qformer_block) as project, grad_from(adapter.decoder_layers[layer], mllm.model), \
             layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
         # the lm_head at the last position only: v reads nothing else
         logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
