@@ -1,54 +1,81 @@
-"""ViCrop latency and peak memory, relative to a plain answer in the same run.
+"""ViCrop latency, peak memory and batch scaling, relative to a plain answer in the same run.
 
-Each variant runs in its own fresh process (so peak memory is its own): the model is built from
-a config with random weights (no download), one warm-up call, then ``--repeats`` timed calls.
-Compared: plain answer; innersight's rel-att / grad-att / pure-grad; and the ``reference`` slow
-path of the original code (eager attention with ``output_attentions=True`` for every layer, the
-question and the generic prompt as two serial passes) followed by the same box and answer.
+Same model shapes, image, timing, interleaving, process isolation and memory measure as
+``bench_decoding.py`` (its harness is imported from there; read its docstring): ``--shape proxy``
+is the CPU proxy of LLaVA-1.5-7B (576 image tokens, the 32064-token vocabulary, decoder 768 wide
+x 12 layers), ``--shape 7b --device cuda --dtype bf16`` the real LLaVA-1.5-7B shape on a GPU.
+``--isolate none`` runs every variant in one process on one model, interleaved (the order rotated
+each round); medians, and the load average is printed.
 
-    python benchmarks/bench_vicrop.py                      # tiny LLaVA on CPU
-    python benchmarks/bench_vicrop.py --shape 7b --device cuda --dtype bf16   # LLaVA-1.5-7B shape
+Variants (each answers ``--batch`` samples, random 640x480 images, per call):
 
-Peak memory: on CUDA ``max_memory_allocated`` above the loaded model; on CPU the peak RSS of the
-process above its RSS after loading (coarse: includes allocator slack).
+* ``plain``: a plain answer;
+* ``rel-att``, ``grad-att``, ``pure-grad``: innersight's ViCrop (rel-att with its shared prefix:
+  image and prompt prefix encoded once for the question and generic rows);
+* ``rel-att-joint``: rel-att with ``shared_prefix=False`` (the question and generic rows as two
+  full rows of one batch), to show what the shared prefix saves;
+* ``reference-rel-att`` (batch 1 only): the original code's path: eager attention with every
+  layer's attention returned, the question and the generic prompt as two serial passes, then the
+  same box and answer.
+
+``--scaling 1,2,4,8`` measures instead the throughput (samples / s) of plain, rel-att, grad-att,
+pure-grad, deco and damro at each batch size (all interleaved in one process) and prints it
+relative to batch 1 of the same method. ``--capture-memory`` measures the peak memory of the
+rel-att pair capture alone (shared prefix and joint) against a plain prefill of the question.
+
+    python benchmarks/bench_vicrop.py --shape proxy --isolate none --repeats 3 --tokens 8 --threads 1
+    python benchmarks/bench_vicrop.py --shape proxy --isolate none --scaling 1,2,4,8 --repeats 1
+    python benchmarks/bench_vicrop.py --shape 7b --device cuda --dtype bf16 --repeats 5
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-VARIANTS = ("plain", "rel-att", "grad-att", "pure-grad", "reference-rel-att")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPES = {
-    # image 336 / patch 14 -> 576 image tokens, like LLaVA-1.5
-    "tiny": dict(image_size=336, patch_size=14, hidden_size=256, num_layers=8, num_heads=8, vision_layers=4),
-    "7b": dict(image_size=336, patch_size=14, hidden_size=4096, num_layers=32, num_heads=32, vision_layers=24),
-}
+from bench_decoding import (  # noqa: E402
+    QUESTION,
+    Measurement,
+    PeakMemory,
+    _load,
+    _ratio,
+    header,
+    measure,
+    options_from,
+    parser,
+    processor_dir,
+    random_image,
+    summarise,
+    table,
+    timed,
+    write_json,
+)
+
+VARIANTS = ("plain", "rel-att", "rel-att-joint", "grad-att", "pure-grad", "reference-rel-att")
+SCALING_METHODS = ("plain", "rel-att", "grad-att", "pure-grad", "deco", "damro")
+#: issue #16's targets on the CPU proxy (whole answer, x plain)
+TARGETS = {"rel-att": 2.0, "grad-att": 2.5, "pure-grad": 4.0}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def reference_rel_att(mllm, image, question, config):
+def reference_rel_att(mllm: Any, image: Any, question: str, generation: dict[str, Any]) -> list[int]:
     """The original code's path: eager attention everywhere, all layers' attention returned,
-    question and generic prompt as two serial forwards."""
+    question and generic prompt as two serial forwards, then the same box and answer."""
     import numpy as np
     import torch
 
     from innersight.look.boxes import crop, select_box
     from innersight.look.maps import map_view
+    from innersight.look.vicrop import ViCropConfig
 
+    config = ViCropConfig()
     layer = config.resolve_layer(mllm.adapter)
     maps = []
     model = mllm.model
@@ -66,93 +93,165 @@ def reference_rel_att(mllm, image, question, config):
         model.set_attn_implementation({"text_config": "sdpa"})
     imap = maps[0] / (maps[1] + 1e-6)
     choice = select_box(imap, image.size, base_size=config.resolve_base_size(mllm.adapter), map_region=view.region)
-    return mllm.answer([image, crop(image, choice.box)], question, max_new_tokens=config_tokens)
+    return mllm.answer([image, crop(image, choice.box)], question, **generation).token_ids
 
 
-config_tokens = 8
+def batch_call(mllm: Any, methods: list[str], settings: dict[str, dict[str, Any]] | None, batch: int,
+               generation: dict[str, Any]) -> Any:
+    """A call answering ``batch`` samples (images seeded 0..batch-1, one question) in one batch."""
+    from innersight.methods import resolve_methods
+
+    images = [random_image(seed) for seed in range(batch)]
+    questions = [QUESTION] * batch
+    plan = resolve_methods(methods, settings)
+
+    def call(extra: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        answers = plan.run(mllm, images, questions, **generation, **extra)
+        return [t for a in answers for t in a.token_ids], {"batch": batch}
+
+    return call
 
 
-def run_variant(args: dict, queue: mp.Queue) -> None:
-    import numpy as np
+def _method(variant: str) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
+    if variant == "plain":
+        return [], None
+    if variant == "rel-att-joint":
+        return ["vicrop-rel-att"], {"vicrop-rel-att": {"shared_prefix": False}}
+    if variant in ("rel-att", "grad-att", "pure-grad"):
+        return [f"vicrop-{variant}"], None
+    return [variant], None
+
+
+def vicrop_calls(mllm: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Every variant of the main table for ``mllm``, ``options["batch"]`` samples per call."""
+    tokens = int(options["tokens"])
+    generation = {"max_new_tokens": tokens, "min_new_tokens": tokens}
+    batch = int(options.get("batch", 1))
+    calls = {v: batch_call(mllm, *_method(v), batch, generation) for v in VARIANTS if v != "reference-rel-att"}
+    if batch == 1:
+        image = random_image(0)
+        calls["reference-rel-att"] = lambda extra: (reference_rel_att(mllm, image, QUESTION, {**generation, **extra}), {})
+    return calls
+
+
+def scaling_calls(mllm: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``method@batch`` -> call, for every method of the scaling table and batch size."""
+    tokens = int(options["tokens"])
+    generation = {"max_new_tokens": tokens, "min_new_tokens": tokens}
+    return {f"{m}@{b}": batch_call(mllm, *_method(m), b, generation)
+            for m in options.get("methods", SCALING_METHODS) for b in options["scaling"]}
+
+
+def measure_scaling(options: dict[str, Any]) -> dict[str, list[Measurement]]:
+    """The scaling table's calls in one process on one model: one warm-up per method (batch 1),
+    then ``repeats`` rounds of every ``method@batch``, the order rotated each round."""
+    mllm = _load(options)
+    calls = scaling_calls(mllm, options)
+    names = [f"{m}@{b}" for m in options["methods"] for b in options["scaling"]]
+    for m in options["methods"]:
+        calls[f"{m}@{options['scaling'][0]}"]({})  # warm-up
+    results: dict[str, list[Measurement]] = {n: [] for n in names}
+    for r in range(int(options["repeats"])):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            results[name].append(timed(calls[name], options["device"]))
+    return results
+
+
+def capture_memory(mllm: Any, device: str, repeats: int = 3) -> dict[str, float]:
+    """Peak memory (MiB, largest of ``repeats``) and median time of the rel-att pair capture
+    (shared prefix, joint batch) and of a plain prefill of the question (full forward with its
+    KV cache, logits at the last position), one sample."""
     import torch
-    from PIL import Image
 
-    torch.set_num_threads(args["threads"])
-    torch.manual_seed(0)
-    import innersight
-    from innersight.look.vicrop import ViCropConfig
+    from innersight.look.vicrop import ViCropConfig, importance_maps
 
-    mllm = innersight.load(args["model_dir"], device=args["device"], dtype=args["dtype"])
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8))
-    question = "what is the digit in the red circle?"
-    variant = args["variant"]
-    cuda = args["device"].startswith("cuda")
+    image = random_image(0)
 
-    def call():
-        if variant == "plain":
-            return mllm.answer(image, question, max_new_tokens=args["tokens"], min_new_tokens=args["tokens"])
-        if variant == "reference-rel-att":
-            return reference_rel_att(mllm, image, question, ViCropConfig())
-        return mllm.answer(image, question, methods=[f"vicrop-{variant}"], max_new_tokens=args["tokens"],
-                           min_new_tokens=args["tokens"])
+    def plain_prefill() -> None:
+        batch = mllm.prepare([image], [QUESTION])
+        with torch.inference_mode():
+            mllm.model(**batch.inputs, use_cache=True, logits_to_keep=1)
 
-    call()  # warm-up
-    if cuda:
-        torch.cuda.synchronize()
-        base_mem = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    base_rss = _rss_mb()
-    times = []
-    for _ in range(args["repeats"]):
-        t0 = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    if cuda:
-        peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-    else:
-        peak = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss)
-    queue.put({"variant": variant, "median_s": statistics.median(times), "times": times, "peak_mb": peak})
+    runs = {
+        "plain-prefill": plain_prefill,
+        "capture-shared": lambda: importance_maps(mllm, [image], [QUESTION], ViCropConfig()),
+        "capture-joint": lambda: importance_maps(mllm, [image], [QUESTION], ViCropConfig(shared_prefix=False)),
+    }
+    out: dict[str, float] = {}
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            memory = PeakMemory(device)
+            memory.start()
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0, memory.stop()))
+    for name, values in samples.items():
+        out[f"{name}_s"] = statistics.median(t for t, _ in values)
+        out[f"{name}_mb"] = max(m for _, m in values)
+    return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="tiny")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=8, help="answer length (fixed with min_new_tokens)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None, help="write results here too")
-    args = parser.parse_args()
-    global config_tokens
-    config_tokens = args.tokens
-
-    from innersight.testing.tiny import build
-
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--batch", type=int, default=1, help="samples per call in the main table")
+    p.add_argument("--scaling", default=None, help="batch sizes, e.g. 1,2,4,8: the batch-scaling table instead")
+    p.add_argument("--variants", default=None, help="variants of the main table (default: all; plain always)")
+    p.add_argument("--methods", default=None, help="methods of the scaling table (default: all of SCALING_METHODS)")
+    p.add_argument("--capture-memory", action="store_true", help="rel-att pair-capture memory vs a plain prefill")
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build("llava", Path(tmp) / "model", crop=True, **SHAPES[args.shape])
-        ctx = mp.get_context("spawn")
-        rows = []
-        for variant in VARIANTS:
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_variant, args=(dict(vars(args), model_dir=str(model_dir), variant=variant), queue))
-            proc.start()
-            rows.append(queue.get())
-            proc.join()
-    plain = rows[0]
-    ref = next(r for r in rows if r["variant"] == "reference-rel-att")
-    print(f"shape={args.shape} device={args.device} dtype={args.dtype or 'default'} tokens={args.tokens} "
-          f"repeats={args.repeats} threads={args.threads}")
-    print(f"{'variant':<20}{'median s':>10}{'x plain':>9}{'x reference':>13}{'peak MB':>10}{'x plain mem':>13}")
-    for r in rows:
-        mem_ratio = r["peak_mb"] / plain["peak_mb"] if plain["peak_mb"] > 0 else float("nan")
-        print(f"{r['variant']:<20}{r['median_s']:>10.3f}{r['median_s'] / plain['median_s']:>9.2f}"
-              f"{r['median_s'] / ref['median_s']:>13.2f}{r['peak_mb']:>10.1f}{mem_ratio:>13.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+        options = options_from(args, processor_dir(args.shape, Path(tmp) / "processor"))
+        options["batch"] = args.batch
+        if args.capture_memory:
+            mllm = _load(options)
+            mem = capture_memory(mllm, args.device, args.repeats)
+            print(header(args))
+            base = mem["plain-prefill_mb"]
+            for name in ("plain-prefill", "capture-shared", "capture-joint"):
+                print(f"{name:<16}{mem[name + '_s']:>9.3f} s{mem[name + '_mb']:>10.1f} MB"
+                      f"{_ratio(mem[name + '_mb'], base):>8.2f}x plain prefill mem")
+            write_json(args.json, args, {}, {}, capture_memory=mem)
+            return 0
+        if args.scaling:
+            options["scaling"] = [int(b) for b in args.scaling.split(",")]
+            methods = args.methods.split(",") if args.methods else list(SCALING_METHODS)
+            options["methods"] = methods
+            results = measure_scaling(options)
+            print(header(args) + f" load_after={os.getloadavg()[0]:.1f}")
+            sizes = options["scaling"]
+            print("throughput relative to batch 1 of the same method (samples/s in brackets)")
+            print(f"{'method':<12}" + "".join(f"{'batch ' + str(b):>22}" for b in sizes))
+            scaling: dict[str, dict[int, float]] = {}
+            for m in methods:
+                tput = {b: b / statistics.median(c.total_s for c in results[f"{m}@{b}"]) for b in sizes}
+                scaling[m] = tput
+                print(f"{m:<12}" + "".join(f"{tput[b] / tput[sizes[0]]:>13.2f}x ({tput[b]:.3f})" for b in sizes))
+            write_json(args.json, args, {}, results, scaling={m: {str(b): v for b, v in t.items()} for m, t in scaling.items()})
+            return 0
+        variants = [v for v in (args.variants.split(",") if args.variants else VARIANTS)
+                    if args.batch == 1 or v != "reference-rel-att"]
+        if "plain" not in variants or set(variants) - set(VARIANTS):
+            raise SystemExit(f"--variants: plain and any of {', '.join(VARIANTS)}")
+        results = measure(vicrop_calls, variants, options)
+    rows = summarise(results)
+
+    def target(name: str, r: dict[str, Any]) -> str:
+        return f"<= {TARGETS[name]:.2f}x" if name in TARGETS else ""
+
+    def x_ref(name: str, r: dict[str, Any]) -> str:
+        ref = rows.get("reference-rel-att")
+        return f"{_ratio(r['total_s'], ref['total_s']):.2f}" if ref else ""
+
+    print(header(args) + f" batch={args.batch} load_after={os.getloadavg()[0]:.1f}")
+    print(table(rows, {"x reference (total)": x_ref, "proxy target (total)": target}))
+    if "rel-att" in rows and "rel-att-joint" in rows:
+        same = rows["rel-att"]["token_ids"] == rows["rel-att-joint"]["token_ids"]
+        print(f"rel-att shared prefix / joint: total x{_ratio(rows['rel-att']['total_s'], rows['rel-att-joint']['total_s']):.2f}, "
+              f"same answer tokens: {same}")
+    write_json(args.json, args, rows, results, targets=TARGETS)
     return 0
 
 

@@ -78,3 +78,22 @@ def cache_argument(forward: Any) -> str:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return CACHE_NAMES[0]
     raise LookupError(f"{getattr(forward, '__qualname__', forward)} takes no KV cache argument")
+
+
+def last_logits_kwargs(model: Any) -> dict[str, Any]:
+    """Keyword arguments that make ``model``'s forward compute the lm_head at the last position
+    only (``logits_to_keep=1``), or ``{}`` where it cannot.
+
+    Read from the signatures: LLaVA, LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL declare
+    ``logits_to_keep``; InstructBLIP does not, but hands its ``**kwargs`` to a decoder-only
+    language model, whose forward declares it (an encoder-decoder one, Flan-T5, gets ``{}``).
+    A caller must read the last position only (``logits[:, -1]``): the other rows are absent.
+    """
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": 1}
+    config = getattr(model, "config", None)
+    language_model = getattr(model, "language_model", None)
+    if (language_model is not None and getattr(config, "use_decoder_only_language_model", False)
+            and "logits_to_keep" in inspect.signature(language_model.forward).parameters):
+        return {"logits_to_keep": 1}
+    return {}

@@ -42,19 +42,22 @@ class MethodSpec:
     key: str = ""
     #: config fields this method name fixes (e.g. ``{"variant": "rel-att"}``)
     preset: tuple[tuple[str, Any], ...] = ()
+    #: config defaults this method name changes but a user may override (e.g. the gate's threshold)
+    defaults: tuple[tuple[str, Any], ...] = ()
 
     def load(self) -> Any:
         return _import(self.target)
 
     def build(self, overrides: dict[str, str] | None = None) -> Any:
-        """The method object with its config: paper defaults, the preset, then user overrides."""
+        """The method object with its config: paper defaults, this name's defaults and preset, then
+        user overrides (which may not change a preset field)."""
         impl = self.load()
         if not self.config:
             if overrides:
                 raise MethodError(f"method {self.name!r} has no configurable fields")
             return impl()
         cls = _import(self.config)
-        values: dict[str, Any] = dict(self.preset)
+        values: dict[str, Any] = {**dict(self.defaults), **dict(self.preset)}
         values.update(parse_overrides(cls, overrides or {}, self.name))
         config = cls(**values)
         for field_name, fixed in self.preset:  # the method's name fixes these: one name, one behaviour
@@ -286,10 +289,10 @@ def settings_by_name(specs: Sequence[MethodSpec], overrides: dict[str, dict[str,
 
 # ---------------------------------------------------------------------- the registry
 def _method(name: str, point: str, impl: str, summary: str, source: str, *, key: str = "",
-            preset: tuple[tuple[str, Any], ...] = ()) -> MethodSpec:
+            preset: tuple[tuple[str, Any], ...] = (), defaults: tuple[tuple[str, Any], ...] = ()) -> MethodSpec:
     """Register ``module:Class`` whose config dataclass is ``module:ClassConfig``."""
     return register(MethodSpec(name=name, point=point, summary=summary, target=impl, config=f"{impl}Config",
-                               key=key or name, preset=preset, source=source))
+                               key=key or name, preset=preset, defaults=defaults, source=source))
 
 
 for _variant in ("rel-att", "grad-att", "pure-grad"):
@@ -298,7 +301,7 @@ for _variant in ("rel-att", "grad-att", "pure-grad"):
             "arXiv 2502.17422 (ICLR 2025)", key="vicrop", preset=(("variant", _variant),))
 _method("vicrop-gated", "input", "innersight.look.vicrop:ViCrop",
         "ViCrop rel-att behind a crop gate: crop only when the map's peak-to-mean ratio reaches 20 (micro-calibrated)",
-        "arXiv 2502.17422 (ICLR 2025) + innersight gate", key="vicrop", preset=(("variant", "rel-att"), ("gate", 20.0)))
+        "arXiv 2502.17422 (ICLR 2025) + innersight gate", key="vicrop", preset=(("variant", "rel-att"),), defaults=(("gate", 20.0),))
 _method("var", "attention", "innersight.attend.var:VAR",
         "VAR: move attention from sink tokens to the other image tokens in image-centric heads",
         "arXiv 2503.03321 (ICLR 2025)")

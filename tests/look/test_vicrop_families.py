@@ -371,7 +371,7 @@ def test_official_mode_divides_without_epsilon(tiny_mllm, monkeypatch):
     generic_map = np.full((4, 4), 1e-6)
     view = GridView("base", 4, 4, (0.0, 0.0, 56.0, 56.0), None)
 
-    def planted(mllm, batch, layer, qformer_block=2):
+    def planted(mllm, batch, layer, qformer_block=2, **kwargs):
         n = len(batch) // 2
         return [(question_map, view)] * n + [(generic_map, view)] * n
 

@@ -170,6 +170,9 @@ class DoLa(EarlyExitDecoding):
     def layers(self, adapter: Any) -> tuple[int, ...]:
         return self.config.resolve_layers(adapter)
 
+    def early_exit_norm(self) -> bool:
+        return bool(self.config.final_norm)
+
     def build_processor(self, source: LayerLogits, log_probs: bool) -> DoLaProcessor:
         layers = getattr(source, "layers", None)
         return DoLaProcessor(source, alpha=self.config.alpha, final_norm=self.config.final_norm,

@@ -56,7 +56,7 @@ class EarlyExit:
     the output of block ``i`` (1-based), ``num_layers`` the last block (before the final norm).
     """
 
-    def __init__(self, adapter: Any, layers: Sequence[int]) -> None:
+    def __init__(self, adapter: Any, layers: Sequence[int], fuse_norm: bool | None = None) -> None:
         depth = int(adapter.num_layers)
         layers = tuple(int(i) for i in layers)
         if not layers:
@@ -70,6 +70,12 @@ class EarlyExit:
         self.layers = layers
         self._states: dict[int, torch.Tensor] = {}  # layer -> [B, D] of the latest forward
         self._handles = HookHandles()
+        #: fused mode: the early-exit rows ride along in the model's own lm_head call (normed
+        #: with the final norm when True, raw when False); None: a separate lm_head call
+        self.fuse_norm = fuse_norm
+        self._fused: torch.Tensor | None = None  # [B, n, V] of the latest forward (fused mode)
+        self._fused_count = 0  # the model's lm_head calls that carried the early-exit rows
+        self._head_split: int | None = None  # the model's own rows in the current fused lm_head call
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -86,6 +92,10 @@ class EarlyExit:
                     self._handles.add(blocks[0].register_forward_pre_hook(self._input_hook(layer), with_kwargs=True))
                 else:
                     self._handles.add(blocks[layer - 1].register_forward_hook(self._output_hook(layer)))
+            if self.fuse_norm is not None:
+                head = self.adapter.lm_head
+                self._handles.add(head.register_forward_pre_hook(self._head_pre_hook))
+                self._handles.add(head.register_forward_hook(self._head_hook))
         return self
 
     def __exit__(
@@ -99,8 +109,39 @@ class EarlyExit:
     def _remove(self) -> None:
         self._handles.remove()
         self._states.clear()
+        self._fused = None
+
+    # ------------------------------------------------------------------ fused lm_head
+    def _head_pre_hook(self, module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """Append the early-exit rows of this forward to the model's own lm_head input:
+        [B, L, D] -> [B, L + n, D] (nothing when the rows of this forward are not all there)."""
+        self._fused = None
+        self._head_split = None
+        if not args or len(self._states) != len(self.layers):
+            return None
+        hidden = args[0]  # [B, L, D]
+        if hidden.dim() != 3 or any(s.shape[0] != hidden.shape[0] for s in self._states.values()):
+            return None
+        extra = self.hidden()  # [B, n, D]
+        if self.fuse_norm:
+            extra = self.adapter.final_norm(extra)
+        self._head_split = int(hidden.shape[1])
+        fused = torch.cat([hidden, extra.to(device=hidden.device, dtype=hidden.dtype)], dim=1)  # [B, L + n, D]
+        return (fused, *args[1:])
+
+    def _head_hook(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        """Split the fused output: the model keeps [B, L, V]; the early-exit logits [B, n, V]
+        are kept for :meth:`logits`."""
+        split = self._head_split
+        if split is None:
+            return None
+        self._head_split = None
+        self._fused = output[:, split:].float()  # [B, n, V]
+        self._fused_count += 1
+        return output[:, :split]
 
     def _keep(self, layer: int, hidden: torch.Tensor) -> None:
+        self._fused = None  # a new forward: fused logits of the previous one are stale
         # clone: a view of the last position would keep the whole [B, L, D] prefill tensor alive
         self._states[layer] = hidden[:, -1].detach().clone()  # [B, D]
 
@@ -132,7 +173,13 @@ class EarlyExit:
 
     def logits(self, norm: bool = True) -> torch.Tensor:
         """Early-exit logits of the latest forward's last position, ``[B, n_layers, V]`` float32,
-        on the LM head's device. ``norm=False`` skips the final norm (the DoLa reference code)."""
+        on the LM head's device. ``norm=False`` skips the final norm (the DoLa reference code).
+
+        In fused mode (``fuse_norm`` set to ``norm``) these are the rows the model's own lm_head
+        call of that forward computed with its final row (one lm_head call per step); otherwise,
+        or when that forward did not carry them, one separate lm_head call for the n layers."""
+        if self._fused is not None and self.fuse_norm is not None and bool(norm) == self.fuse_norm:
+            return self._fused
         hidden = self.hidden()  # [B, n, D]
         if norm:
             hidden = self.adapter.final_norm(hidden)
@@ -198,6 +245,11 @@ class EarlyExitDecoding(ABC):
     def build_processor(self, source: LayerLogits, log_probs: bool) -> Any:
         """The method's processor reading ``source`` (``log_probs``: beam search inputs)."""
 
+    def early_exit_norm(self) -> bool:
+        """Whether the method reads the early-exit rows through the final norm (the fused
+        lm_head call normalises them accordingly)."""
+        return True
+
     def processors(self, mllm: Any, batch: Any, generation: dict[str, Any]) -> list[Any]:
-        source = EarlyExit(mllm.adapter, self.layers(mllm.adapter))
+        source = EarlyExit(mllm.adapter, self.layers(mllm.adapter), fuse_norm=self.early_exit_norm())
         return [self.build_processor(source, log_probs=beam_search(mllm, generation))]

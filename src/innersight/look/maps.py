@@ -39,6 +39,7 @@ from ..adapters.base import Batch, ImageLayout
 from ..adapters.geometry import GridView
 from ..attention import StopForward, layer_handlers, row_probabilities, sdpa_forward
 from ..errors import MethodError
+from ..generation_calls import last_logits_kwargs
 
 
 @dataclass
@@ -149,14 +150,30 @@ def forward_capture(mllm: Any, batch: Batch, layer: int, *, stop_after: bool) ->
     return capture.probs
 
 
-def attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
+def pair_capture(mllm: Any, batch: Batch, layer: int) -> torch.Tensor | None:
+    """The last row's attention at ``layer`` ([B, H, L]) for a batch of prompt pairs (rows ``i``
+    and ``B/2 + i`` about the same image) with each pair's image and shared prefix encoded once
+    (:mod:`innersight.look.prefix`); None where that path does not apply."""
+    from .prefix import shared_prefix_capture
+
+    if len(batch) % 2:
+        return None
+    capture = AttentionCapture(layer, stop_after=True)
+    return shared_prefix_capture(mllm, batch, len(batch) // 2, layer, capture.handler, lambda: capture.probs)
+
+
+def attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2,
+                   pairs: bool = False) -> list[tuple[np.ndarray, GridView]]:
     """Head-averaged attention of each row's last position over its first image: (map, view).
 
     ``qformer_block``: the Q-Former cross-attention block of the second stage (query-token
-    families only; see the module docstring).
+    families only; see the module docstring). ``pairs``: rows ``i`` and ``B/2 + i`` share an
+    image and a prompt prefix, encoded once where the family allows (:func:`pair_capture`).
     """
     with grid_projection(mllm.adapter, qformer_block) as project:
-        probs = forward_capture(mllm, batch, layer, stop_after=True)  # [B, H, L]
+        probs = pair_capture(mllm, batch, layer) if pairs else None
+        if probs is None:
+            probs = forward_capture(mllm, batch, layer, stop_after=True)  # [B, H, L]
     mean = probs.mean(dim=1)  # [B, L]
     return [project(mean[b], batch, b) for b in range(len(batch))]
 
@@ -167,6 +184,45 @@ def answer_confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(last, dim=-1).max(dim=-1).values
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: Any) -> Iterator[None]:
+    """The model's parameters without ``requires_grad`` for the block (restored after): the
+    gradient maps differentiate inputs only, so the forward need not keep what weight gradients
+    would need, and the graph carries activations only."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def grad_from(module: Any, model: Any) -> Iterator[None]:
+    """Record the autograd graph from ``module``'s forward on only, its hidden-state input the
+    leaf: everything before it (the vision tower, the decoder layers below) runs without a
+    graph, since dv/dA at that layer never reaches them (its attention probabilities are the only
+    thing differentiated). ``model``'s parameters are frozen for the block (:func:`frozen_parameters`)."""
+    previous = torch.is_grad_enabled()
+
+    def enable(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        torch.set_grad_enabled(True)
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+
+    handle = module.register_forward_pre_hook(enable, with_kwargs=True)
+    try:
+        torch.set_grad_enabled(False)
+        with frozen_parameters(model):
+            yield
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(previous)
+
+
 def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
     """grad-att: A ⊙ ReLU(dv/dA) at ``layer``, head-averaged, one pass with the question only.
 
@@ -175,10 +231,12 @@ def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: i
     """
     capture = AttentionCapture(layer, stop_after=False, keep_graph=True)
     adapter = mllm.adapter
-    with grid_projection(adapter, qformer_block) as project, torch.enable_grad(), \
+    with grid_projection(adapter, qformer_block) as project, grad_from(adapter.decoder_layers[layer], mllm.model), \
             layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
-        logits = mllm.model(**batch.inputs, use_cache=False).logits  # [B, L, V]
-        value = answer_confidence(logits).sum()  # rows are independent: one backward for all
+        # the lm_head at the last position only: v reads nothing else
+        logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
+        with torch.enable_grad():
+            value = answer_confidence(logits).sum()  # rows are independent: one backward for all
         assert capture.graph_probs is not None and capture.probs is not None
         (grad,) = torch.autograd.grad(value, [capture.graph_probs])  # [B, H, 1, L]
     weighted = (capture.probs * torch.relu(grad[:, :, 0, :])).mean(dim=1)  # [B, L]

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import MethodError
-from .maps import answer_confidence
+from ..generation_calls import last_logits_kwargs
+from .maps import answer_confidence, frozen_parameters
 
 #: ViCrop's high-pass filter: Gaussian blur kernel 3 (sigma 0.8, torchvision's default for that
 #: kernel: 0.3 * ((3 - 1) / 2 - 1) + 0.8), median filter size 7 (reference ``high_pass_filter``)
@@ -66,8 +67,9 @@ def pure_grad_maps(mllm: Any, images: list[Any], questions: list[str], config: A
     batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
     pixel_values = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
     inputs = {**batch.inputs, "pixel_values": pixel_values}
-    with torch.enable_grad():
-        logits = mllm.model(**inputs, use_cache=False).logits  # [2n, L, V]
+    with torch.enable_grad(), frozen_parameters(mllm.model):
+        # the lm_head at the last position only: v reads nothing else
+        logits = mllm.model(**inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [2n, 1 or L, V]
         (grad,) = torch.autograd.grad(answer_confidence(logits).sum(), [pixel_values])
     eps = 0.0 if config.official else config.epsilon
     out = []

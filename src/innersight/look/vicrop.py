@@ -81,6 +81,10 @@ class ViCropConfig:
     #: crop gate (:mod:`innersight.look.gate`): crop only when the map's peak-to-mean ratio is at
     #: least this; None (default, the paper) always crops
     gate: float | None = field(default=None, metadata={"source": "innersight: peak-to-mean gate, micro-calibrated 20"})
+    #: rel-att: encode each image and the prompt prefix its two rows share once (vision pass and
+    #: decoder prefix run for one row, the question and generic rows continue from its KV cache;
+    #: :mod:`innersight.look.prefix`); False, or a family it does not apply to: the joint batch
+    shared_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -172,7 +176,8 @@ def single_image_maps(mllm: Any, images: list[Any], questions: list[str], config
     if config.variant == "rel-att":
         # the question and the generic prompt run as one batch
         batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
-        pairs = M.attention_maps(mllm, batch, layer, qformer_block=config.qformer_block)
+        pairs = M.attention_maps(mllm, batch, layer, qformer_block=config.qformer_block,
+                                 pairs=config.shared_prefix)
         out = []
         for i in range(n):
             (att_q, view), (att_g, _) = pairs[i], pairs[n + i]

@@ -1,0 +1,137 @@
+"""rel-att's pair capture with the image and the shared prompt prefix encoded once.
+
+rel-att reads the last position's attention at one layer for two prompts about the same image:
+the question q and the generic prompt q'. In the chat template both rows open with the same
+tokens (system text, the image tokens, the start of the user turn) and differ only in their last
+few dozen tokens. Run as two full rows (the joint batch of :func:`innersight.look.maps.attention_maps`),
+the image goes through the vision tower twice and the shared prefix (about 600 tokens on
+LLaVA-1.5) through the decoder twice.
+
+Here, per sample:
+
+1. **prefix pass**: the common prefix of the two rows (it must hold every image token), one row
+   per sample, left-padded, with the image's pixels (one vision pass per image); it stops right
+   after the capture layer has written its keys and values into a KV cache (layers above it are
+   never needed);
+2. **suffix pass**: both rows' remaining tokens (no image tokens) against that cache, repeated
+   for the two rows (``[prefix pads][prefix][suffix pads][suffix]``, position ids continuing
+   each row's prefix), stopping at the capture layer as before.
+
+The attention row read at the last position is then scattered back onto the joint batch's
+positions, so the projection onto the image grid (the batch's layouts) is unchanged. The maps
+equal the joint batch's up to float rounding (``tests/look/test_vicrop_cost.py``).
+
+Only for inputs whose text positions are plain counts and whose image features do not depend on
+the prompt: ``input_ids``, ``attention_mask``, ``pixel_values`` and ``image_sizes`` (LLaVA-1.5,
+LLaVA-NeXT). Qwen2-VL's multimodal rotary positions and InstructBLIP's Q-Former (its query
+tokens read the prompt, so the "image" differs between the rows) take the joint batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..adapters.base import Batch
+from ..attention import StopForward, layer_handlers
+from ..generation_calls import cache_argument
+
+#: the batch inputs this path understands; any other key (image_grid_thw, qformer_input_ids...)
+#: means the joint batch
+SHAREABLE_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values", "image_sizes"})
+
+
+def _stop(*args: Any, **kwargs: Any) -> Any:
+    raise StopForward
+
+
+def _common_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the common prefix of two 1-D id tensors."""
+    m = min(a.numel(), b.numel())
+    differ = (a[:m] != b[:m]).nonzero()
+    return int(differ[0]) if differ.numel() else m
+
+
+def _left_pad(rows: list[torch.Tensor], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D rows to ``width``: (values [B, width], mask [B, width] 1 = real)."""
+    out = torch.full((len(rows), width), pad, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        if row.numel():
+            out[r, width - row.numel():] = row
+            mask[r, width - row.numel():] = 1
+    return out, mask
+
+
+def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
+                          capture_handler: Any, capture_probs: Any) -> torch.Tensor | None:
+    """Attention probabilities [2n, H, L] of the last position of each row of ``batch`` (rows
+    ``i`` and ``n + i`` the two prompts of sample ``i``, L the joint batch's length) at ``layer``,
+    computed with each sample's shared prefix encoded once; None where this path does not apply
+    (then the caller runs the joint batch).
+
+    ``capture_handler`` is the capture's layer handler and ``capture_probs()`` reads what it
+    recorded ([2n, H, Lk] over the suffix pass's keys).
+    """
+    inputs = batch.inputs
+    if n < 1 or len(batch) != 2 * n or set(inputs) - SHAREABLE_INPUTS or "attention_mask" not in inputs:
+        return None
+    ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()  # [2n, L]
+    length = ids.shape[1]
+    starts = [int(length - mask[r].sum()) for r in range(2 * n)]  # left padding of each row
+    if any(int(mask[r, starts[r]:].min()) != 1 for r in range(2 * n)):
+        return None  # not left-padded
+    rows = [ids[r, starts[r]:] for r in range(2 * n)]
+    common = []
+    for i in range(n):
+        c = _common_length(rows[i], rows[n + i])
+        # every image token in the prefix, at least one suffix token in both rows
+        last_image = max(int(batch.layouts[r][k].positions.max()) - starts[r]
+                         for r in (i, n + i) for k in range(len(batch.layouts[r])))
+        if c <= last_image or c >= min(rows[i].numel(), rows[n + i].numel()):
+            return None
+        common.append(c)
+    model = mllm.model
+    device = inputs["input_ids"].device
+    pad = int(ids[0, 0]) if starts[0] else 0
+    tok = mllm.adapter.tokenizer
+    if tok is not None and tok.pad_token_id is not None:
+        pad = int(tok.pad_token_id)
+    width = max(common)
+    prefix_ids, prefix_mask = _left_pad([rows[i][:common[i]] for i in range(n)], width, pad)  # [n, P]
+    prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P] positions count real tokens
+    suffixes = [rows[r][common[r % n]:] for r in range(2 * n)]
+    s_width = max(s.numel() for s in suffixes)
+    suffix_ids, suffix_mask = _left_pad(suffixes, s_width, pad)  # [2n, S]
+    base = torch.tensor(common * 2)[:, None]  # [2n, 1] each row's prefix length
+    suffix_pos = (base + suffix_mask.cumsum(-1) - 1).clamp(min=0)  # [2n, S]
+
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    name = cache_argument(model.forward)
+    image_inputs = {k: v[:n] for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    decoder_layers = mllm.adapter.decoder_layers
+    with torch.inference_mode():
+        with layer_handlers(model, decoder_layers, {layer: _stop}):
+            try:
+                model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                      position_ids=prefix_pos.to(device), use_cache=True, **{name: cache}, **image_inputs)
+            except StopForward:
+                pass
+        cache.reorder_cache(torch.arange(n).repeat(2).to(device))  # [2n] rows i and n + i share prefix i
+        full_mask = torch.cat([prefix_mask.repeat(2, 1), suffix_mask], dim=1)  # [2n, P + S]
+        with layer_handlers(model, decoder_layers, {layer: capture_handler}):
+            try:
+                model(input_ids=suffix_ids.to(device), attention_mask=full_mask.to(device),
+                      position_ids=suffix_pos.to(device), use_cache=True, **{name: cache})
+            except StopForward:
+                pass
+    probs = capture_probs()  # [2n, H, P + S]
+    out = probs.new_zeros((2 * n, probs.shape[1], length))  # [2n, H, L] the joint batch's positions
+    for r in range(2 * n):
+        c, s = common[r % n], suffixes[r].numel()
+        out[r, :, starts[r]:starts[r] + c] = probs[r, :, width - c:width]
+        out[r, :, starts[r] + c:] = probs[r, :, width + s_width - s:]
+    return out

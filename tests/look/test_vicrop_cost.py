@@ -1,0 +1,143 @@
+"""ViCrop's cost cuts keep the maps: the lm_head at the last position only (grad-att, pure-grad),
+on every family, against the full-logits computation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from innersight import generation_calls
+from innersight.generation_calls import last_logits_kwargs
+from innersight.look.vicrop import ViCropConfig, importance_maps
+
+FAMILIES = ("llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl")
+
+
+def _scene(w: int = 90, h: int = 60, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_logits_only_on_every_family(tiny_mllm, family):
+    mllm = tiny_mllm(family)
+    keep = last_logits_kwargs(mllm.model)
+    assert keep == {"logits_to_keep": 1}, f"{family}: the lm_head would run on every prompt position"
+    batch = mllm.prepare([_scene(), _scene(seed=1)], ["what is it?", "is there a red star here?"])
+    with torch.inference_mode():
+        full = mllm.model(**batch.inputs, use_cache=False).logits  # [B, L, V]
+        last = mllm.model(**batch.inputs, use_cache=False, **keep).logits  # [B, 1, V]
+    assert last.shape == (full.shape[0], 1, full.shape[2])
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "instructblip", "qwen2_vl"])
+@pytest.mark.parametrize("variant", ["grad-att", "pure-grad"])
+def test_gradient_maps_same_with_last_logits_only(tiny_mllm, monkeypatch, family, variant):
+    mllm = tiny_mllm(family)
+    images = [_scene(seed=2), _scene(120, 80, seed=3)]
+    questions = ["what is the digit in the red circle?", "what colour is the star?"]
+    config = ViCropConfig(variant=variant, layer=1, qformer_block=1)
+    cut = importance_maps(mllm, images, questions, config)
+    from innersight.look import maps, pure_grad
+
+    for module in (maps, pure_grad):
+        monkeypatch.setattr(module, "last_logits_kwargs", lambda model: {})
+    full = importance_maps(mllm, images, questions, config)
+    monkeypatch.undo()
+    assert generation_calls.last_logits_kwargs(mllm.model)  # the cut path really was the cut one
+    for (m_cut, _, raw_cut), (m_full, _, raw_full) in zip(cut, full):
+        np.testing.assert_allclose(m_cut, m_full, rtol=1e-4, atol=1e-9)
+        for key in raw_full:
+            np.testing.assert_allclose(raw_cut[key], raw_full[key], rtol=1e-4, atol=1e-9)
+
+
+def _layer0_tokens(mllm, run) -> tuple[int, object]:
+    """(positions the first decoder layer processed, result of ``run()``)."""
+    seen = []
+    hook = mllm.adapter.decoder_layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(int(kwargs.get("hidden_states", args[0] if args else None).shape[:2].numel())),
+        with_kwargs=True)
+    try:
+        result = run()
+    finally:
+        hook.remove()
+    return sum(seen), result
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_rel_att_shared_prefix_same_maps_less_work(tiny_mllm, family):
+    mllm = tiny_mllm(family)
+    images = [_scene(seed=4), _scene(120, 80, seed=5), _scene(70, 70, seed=6)]
+    questions = ["what is the digit in the red circle?", "what colour is the star?\nAnswer briefly.", "is it?"]
+    shared_tokens, shared = _layer0_tokens(
+        mllm, lambda: importance_maps(mllm, images, questions, ViCropConfig(layer=1)))
+    joint_tokens, joint = _layer0_tokens(
+        mllm, lambda: importance_maps(mllm, images, questions, ViCropConfig(layer=1, shared_prefix=False)))
+    # the image tokens (16 per image on the tiny LLaVA) went through the decoder once, not twice
+    assert shared_tokens < joint_tokens - 16 * len(images)
+    for (m_s, view_s, raw_s), (m_j, view_j, raw_j) in zip(shared, joint):
+        assert view_s == view_j
+        np.testing.assert_allclose(m_s, m_j, rtol=1e-4)
+        for key in ("question", "generic"):
+            np.testing.assert_allclose(raw_s[key], raw_j[key], rtol=1e-4, atol=1e-9)
+
+
+def test_rel_att_shared_prefix_declines_other_families(tiny_mllm):
+    from innersight.look.maps import pair_capture
+    from innersight.look.vicrop import generic_prompt
+
+    for family in ("qwen2_vl", "instructblip"):
+        mllm = tiny_mllm(family)
+        q = "what is it?"
+        batch = mllm.prepare([_scene()] * 2, [q, generic_prompt(q, ViCropConfig())])
+        assert pair_capture(mllm, batch, 1) is None, family
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_grad_att_records_the_graph_from_its_layer_on(tiny_mllm, family):
+    mllm = tiny_mllm(family)
+    layers = mllm.adapter.decoder_layers
+    seen = {}
+
+    def record(index):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            seen[index] = hidden.requires_grad
+        return hook
+
+    handles = [layers[i].register_forward_hook(record(i)) for i in (0, 1)]
+    try:
+        importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant="grad-att", layer=1))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == {0: False, 1: True}  # no graph below the capture layer, one from it on
+    with torch.no_grad():
+        importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant="grad-att", layer=1))
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("variant", ["grad-att", "pure-grad"])
+def test_gradient_maps_freeze_parameters_for_the_pass_only(tiny_mllm, monkeypatch, variant):
+    mllm = tiny_mllm("llava")
+    before = [p.requires_grad for p in mllm.model.parameters()]
+    assert any(before)
+    frozen_during = []
+    original = mllm.model.forward
+
+    def spy(*args, **kwargs):
+        frozen_during.append(not any(p.requires_grad for p in mllm.model.parameters()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mllm.model, "forward", spy)
+    importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant=variant, layer=1))
+    assert frozen_during == [True]
+    monkeypatch.setattr(mllm.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant=variant, layer=1))
+    monkeypatch.undo()
+    assert [p.requires_grad for p in mllm.model.parameters()] == before

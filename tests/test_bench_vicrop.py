@@ -1,0 +1,55 @@
+"""Smoke test of benchmarks/bench_vicrop.py at the smallest settings (``smoke`` shape, one
+repetition, three tokens, in-process): the main table, the batch-scaling table and the pair-capture
+memory, each through ``main``."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SMOKE = ["--shape", "smoke", "--repeats", "1", "--tokens", "3", "--isolate", "none", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("bench_vicrop")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_main_table(bench, tmp_path, capsys):
+    out = tmp_path / "vicrop.json"
+    assert bench.main([*SMOKE, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == list(bench.VARIANTS)
+    for name, row in rows.items():
+        assert row["steps"] == 3, name
+        assert math.isfinite(row["x_plain_total"]) and row["total_s"] > 0, name
+    # the shared prefix changes the cost, not the answer
+    assert rows["rel-att"]["token_ids"] == rows["rel-att-joint"]["token_ids"]
+    text = capsys.readouterr().out
+    assert "load=" in text and "<= 2.00x" in text and "same answer tokens: True" in text
+
+
+def test_scaling_and_capture_memory(bench, tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    assert bench.main([*SMOKE, "--scaling", "1,2", "--methods", "plain,rel-att", "--json", str(out)]) == 0
+    scaling = json.loads(out.read_text())["scaling"]
+    assert set(scaling) == {"plain", "rel-att"}
+    assert all(v > 0 for m in scaling.values() for v in m.values()) and set(scaling["plain"]) == {"1", "2"}
+    calls = json.loads(out.read_text())["calls"]
+    assert len(calls["rel-att@2"][0]["token_ids"]) == 2 * 3  # two samples of three tokens
+    out = tmp_path / "memory.json"
+    assert bench.main([*SMOKE, "--capture-memory", "--json", str(out)]) == 0
+    mem = json.loads(out.read_text())["capture_memory"]
+    for name in ("plain-prefill", "capture-shared", "capture-joint"):
+        assert mem[f"{name}_s"] > 0 and mem[f"{name}_mb"] >= 0
+    assert "x plain prefill mem" in capsys.readouterr().out
