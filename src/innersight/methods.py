@@ -66,7 +66,10 @@ class MethodSpec:
                 hint = f"; choose another method ({', '.join(others)})" if others else ""
                 raise MethodError(f"{self.name} fixes {field_name}={fixed!r}, it cannot be set to "
                                   f"{getattr(config, field_name)!r}{hint}")
-        return impl(config)
+        method = impl(config)
+        if hasattr(method, "registered_name"):  # one implementation under several names (vicrop-*)
+            method.registered_name = self.name
+        return method
 
 
 def _import(target: str) -> Any:

@@ -50,9 +50,9 @@ def test_gate_on_the_micro_model():
                                max_new_tokens=6)
     assert [a.token_ids for a in never] == [a.token_ids for a in plain]
     assert [a.token_ids for a in always] == [a.token_ids for a in vicrop]
-    assert all(a.crop is None and not a.details["vicrop"]["cropped"] for a in never)
-    assert all(a.crop is not None and a.details["vicrop"]["cropped"] for a in always)
+    assert all(a.crop is None and not a.details["vicrop-gated"]["cropped"] for a in never)
+    assert all(a.crop is not None and a.details["vicrop-gated"]["cropped"] for a in always)
     gated = mllm.answer_batch(images, questions, methods=["vicrop-gated"], max_new_tokens=6)
     for a, v, p in zip(gated, vicrop, plain):
-        expected = v if a.details["vicrop"]["sharpness"] >= MICRO_THRESHOLD else p
+        expected = v if a.details["vicrop-gated"]["sharpness"] >= MICRO_THRESHOLD else p
         assert a.token_ids == expected.token_ids

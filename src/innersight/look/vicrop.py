@@ -274,10 +274,14 @@ class ViCrop:
             return {}
         return {"max_new_tokens": int(self.config.max_new_tokens)}
 
+    #: the registered method name this object was built under (set by the registry; ``vicrop-gated``
+    #: is rel-att with a gate), None when built by hand
+    registered_name: str | None = None
+
     @property
     def name(self) -> str:
-        """The registered method name (``vicrop-rel-att``...): the key of this method's details."""
-        return f"vicrop-{self.config.variant}"
+        """The method's name (``vicrop-rel-att``, ``vicrop-gated``...): the key of its details."""
+        return self.registered_name or f"vicrop-{self.config.variant}"
 
     def apply(self, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str) -> tuple[list[list[Any]], list[dict[str, Any]]]:
         if any(len(ims) != 1 for ims in image_lists):
