@@ -125,8 +125,15 @@ def load(
     device: str | None = None,
     dtype: str | Any | None = None,
     trust_remote_code: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Load ``model`` (hub id, local directory or ``micro``) and return an :class:`~innersight.MLLM`.
+
+    ``model_kwargs`` go to ``from_pretrained`` and win over innersight's own choices, e.g.
+    ``{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}``,
+    ``{"attn_implementation": "flash_attention_2"}`` or ``{"device_map": {...}}``; with a
+    ``device_map`` or a quantization config the model is not moved afterwards (``from_pretrained``
+    placed it).
 
     ``device``: ``cpu``, ``cuda``, ``cuda:1``, or ``auto`` (layers spread over all GPUs with
     accelerate's ``device_map="auto"``; on a machine without GPUs, the CPU); anything else is
@@ -150,12 +157,43 @@ def load(
                               "attn_implementation": "sdpa"}
     if dev == "auto":
         kwargs["device_map"] = "auto"
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise UserInputError(f"model_kwargs must be a dict of from_pretrained arguments, not {type(model_kwargs).__name__}")
+    extra = dict(model_kwargs or {})
+    if "torch_dtype" in extra:  # the older name of dtype
+        extra["dtype"] = extra.pop("torch_dtype")
+    kwargs.update(extra)
+    placed = "device_map" in kwargs or "quantization_config" in kwargs
     try:
         processor = cls.load_processor(path, trust_remote_code=trust_remote_code)
         hf_model = cls.model_class().from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"cannot load {model!r}: {str(exc).splitlines()[0]}") from exc
-    if dev != "auto":
+    if not placed:
         hf_model = hf_model.to(dev)
     hf_model.eval()
     return MLLM(hf_model, processor, cls(hf_model, processor), name=model)
+
+
+def wrap(model: Any, processor: Any, *, name: str | None = None) -> Any:
+    """An :class:`~innersight.MLLM` around a model and processor you already loaded (quantized,
+    fine-tuned, PEFT-merged, placed by hand): the family is read from ``model.config.model_type``
+    (an unsupported one is refused with the list of supported types). The model is put in eval
+    mode and otherwise left as it is: its device, dtype and attention implementation are yours."""
+    from .adapters import adapter_class
+    from .mllm import MLLM
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model_type, str):
+        raise UserInputError(f"wrap() needs a transformers model with a config, not {type(model).__name__}")
+    if processor is None or not hasattr(processor, "tokenizer"):
+        raise UserInputError(f"wrap() needs the model's processor (with a tokenizer), not {type(processor).__name__}")
+    cls = adapter_class(model_type)
+    expected = cls.model_class()
+    if not isinstance(model, expected):
+        raise UserInputError(f"wrap() expects a {expected.__name__} for model type {model_type!r}, "
+                             f"got {type(model).__name__} (load it with {expected.__name__}.from_pretrained)")
+    model.eval()
+    label = name or getattr(config, "_name_or_path", "") or type(model).__name__
+    return MLLM(model, processor, cls(model, processor), name=str(label))
