@@ -304,6 +304,24 @@ class Adapter(ABC):
             kwargs["images"] = flat_images
         return self.processor(**kwargs)
 
+    # ------------------------------------------------------------------ positions
+    def prompt_positions(
+        self,
+        batch: Batch,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        image_tokens: Sequence[Sequence[int]],
+        grid_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> torch.Tensor:
+        """Position ids, in the layout ``generate`` passes them, of a prompt a method built from
+        ``batch`` (spliced or shortened images, another instruction): ``ids`` [B, L] with the image
+        token id at each image position, ``mask`` [B, L] left-padded, ``image_tokens[b][i]`` how
+        many tokens stand for image ``i`` of sample ``b`` and, where a family places image tokens
+        on a grid, ``grid_shapes[b][i] = (rows, cols)``. The base: 1D positions [B, L] as
+        ``generate`` makes them (cumsum of the mask - 1, 0 at pads)."""
+        positions = mask.long().cumsum(-1) - 1  # [B, L]
+        return positions.masked_fill(mask == 0, 0)
+
     # ------------------------------------------------------------------ layouts
     def image_layouts(self, batch: Batch) -> list[list[ImageLayout]]:
         """Per sample, per image: the positions of its tokens and the grid views they form."""

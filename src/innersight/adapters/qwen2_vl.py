@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .base import Adapter, Batch
@@ -249,6 +250,49 @@ class Qwen2VLAdapter(Adapter):
         import torch
 
         return torch.arange(t * rows * cols)
+
+    def prompt_positions(
+        self,
+        batch: Batch,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        image_tokens: Sequence[Sequence[int]],
+        grid_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    ) -> torch.Tensor:
+        """``[4, B, L]`` positions (M-RoPE): the text row as ``generate`` makes it, then the
+        temporal / height / width rows from the model's own ``get_rope_index`` with one
+        ``[1, rows * m, cols * m]`` grid per image (``m`` the spatial merge). An image keeps its
+        original grid when its token count is unchanged, else ``(1, n)`` unless ``grid_shapes``
+        says otherwise."""
+        import torch
+
+        from ..errors import MethodError
+
+        merge = self.spatial_merge_size
+        original = batch.inputs.get("image_grid_thw")
+        grids: list[list[int]] = []
+        flat = 0
+        for b, row_counts in enumerate(image_tokens):
+            for i, n in enumerate(row_counts):
+                if grid_shapes is not None:
+                    rows, cols = grid_shapes[b][i]
+                elif original is not None and int(original[flat].prod()) // merge**2 == n:
+                    _, h, w = (int(v) for v in original[flat].tolist())
+                    rows, cols = h // merge, w // merge
+                else:
+                    rows, cols = 1, n
+                if rows * cols != n:
+                    raise MethodError(f"{self.family}: a grid of {rows}x{cols} cannot hold {n} image tokens")
+                grids.append([1, rows * merge, cols * merge])
+                flat += 1
+        text = super().prompt_positions(batch, ids, mask, image_tokens, grid_shapes)  # [B, L]
+        if not grids:
+            return text[None].expand(4, -1, -1).clone()
+        types = (ids == int(self.image_token_id)).long()  # [B, L] 1 = image, 0 = text
+        grid = torch.tensor(grids, dtype=torch.long, device=ids.device)  # [N_img, 3]
+        rope, _ = self.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid,
+                                                  attention_mask=mask)
+        return torch.cat([text[None], rope.to(text.device)], dim=0)  # [4, B, L]
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

@@ -180,12 +180,6 @@ def _left_pad_start(mask_row: torch.Tensor) -> int:
     return start
 
 
-def text_positions(mask: torch.Tensor) -> torch.Tensor:
-    """1D positions of a left-padded mask [B, L] as ``generate`` makes them: cumsum - 1, 0 at pads."""
-    positions = mask.long().cumsum(-1) - 1  # [B, L]
-    return positions.masked_fill(mask == 0, 0)
-
-
 def splice_images(
     adapter: Any,
     batch: Any,
@@ -197,8 +191,8 @@ def splice_images(
     contiguously), embedded and left-padded.
 
     Each image's tokens must be one contiguous run (``batch.layouts``). For Qwen (M-RoPE)
-    ``grid_shapes[b][i] = (rows, cols)`` of merged tokens places the new image tokens on a grid for
-    ``get_rope_index``; by default the original grid when the count is unchanged, else ``(1, n_i)``.
+    ``grid_shapes[b][i] = (rows, cols)`` places the new image tokens on a grid where the family's
+    positions need one (Qwen's M-RoPE); positions come from ``adapter.prompt_positions``.
     """
     ids = batch.input_ids  # [B, L0]
     mask = batch.inputs.get("attention_mask")
@@ -255,51 +249,8 @@ def splice_images(
         out_ids[b, length - n:] = row_ids
         out_mask[b, length - n:] = 1
         out_emb[b, length - n:] = row_emb
-    if _uses_mrope(adapter):
-        positions = _mrope_positions(adapter, batch, out_ids, out_mask, counts, grid_shapes)
-    else:
-        positions = text_positions(out_mask)
+    positions = adapter.prompt_positions(batch, out_ids, out_mask, counts, grid_shapes)  # [B, L] or [4, B, L]
     return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, counts)
-
-
-def _uses_mrope(adapter: Any) -> bool:
-    return hasattr(adapter.model, "model") and hasattr(adapter.model.model, "get_rope_index")
-
-
-def _mrope_positions(
-    adapter: Any,
-    batch: Any,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    counts: list[list[int]],
-    grid_shapes: Sequence[Sequence[tuple[int, int]]] | None,
-) -> torch.Tensor:
-    """``[4, B, L]`` positions of a Qwen prompt: the text row (as ``generate``) and the M-RoPE rows
-    from the model's own ``get_rope_index`` with one ``[1, rows * m, cols * m]`` grid per image."""
-    merge = int(adapter.spatial_merge_size)
-    original = batch.inputs.get("image_grid_thw")
-    grids: list[list[int]] = []
-    flat = 0
-    for b, row_counts in enumerate(counts):
-        for i, n in enumerate(row_counts):
-            if grid_shapes is not None:
-                rows, cols = grid_shapes[b][i]
-            elif original is not None and int(original[flat].prod()) // merge**2 == n:
-                t, h, w = (int(v) for v in original[flat].tolist())
-                rows, cols = h // merge, w // merge
-            else:
-                rows, cols = 1, n
-            if rows * cols != n:
-                raise MethodError(f"negative inputs: a grid of {rows}x{cols} cannot hold {n} image tokens")
-            grids.append([1, rows * merge, cols * merge])
-            flat += 1
-    types = (ids == int(adapter.image_token_id)).long()  # [B, L] 1 = image, 0 = text
-    text = text_positions(mask)  # [B, L]
-    if not grids:
-        return text[None].expand(4, -1, -1).clone()
-    grid = torch.tensor(grids, dtype=torch.long, device=ids.device)  # [N_img, 3]
-    rope, _ = adapter.model.model.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
-    return torch.cat([text[None], rope.to(text.device)], dim=0)  # [4, B, L]
 
 
 # ---------------------------------------------------------------------- the negative branch

@@ -40,11 +40,8 @@ from .contrast import (
     NegativeBranch,
     NegativeInputs,
     _left_pad_start,
-    _mrope_positions,
-    _uses_mrope,
     check_generation,
     check_strength,
-    text_positions,
 )
 
 SOURCE = "arXiv 2403.18715 (ICD, Findings of ACL 2024)"
@@ -153,10 +150,7 @@ def disturbed_inputs(adapter: Any, batch: Any, embeds: torch.Tensor, disturbance
         out_mask[b, length - n:] = 1
         out_emb[b, length - n:] = row_emb
     counts = [[lay.num_tokens for lay in layouts] for layouts in batch.layouts]
-    if _uses_mrope(adapter):
-        positions = _mrope_positions(adapter, batch, out_ids, out_mask, counts, None)
-    else:
-        positions = text_positions(out_mask)
+    positions = adapter.prompt_positions(batch, out_ids, out_mask, counts)  # [B, L] or [4, B, L]
     return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, counts)
 
 
