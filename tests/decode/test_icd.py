@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
 
 from innersight.decode.contrast import contrast
 from innersight.decode.icd import DISTURBANCES, ICD, ICDConfig, PromptEmbeddings, disturbed_inputs
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
-from innersight.testing.faults import RaiseOnStep
-from innersight.testing.steps import hooks, spy_steps, uncached_negative
+from innersight.testing.steps import (
+    assert_restored_after_exit_and_exception,
+    spy_steps,
+    uncached_negative,
+)
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
@@ -111,14 +113,4 @@ def test_strong_icd_changes_the_answer(tiny_mllm, image):
 @pytest.mark.parametrize("family", ["instructblip", "qwen2_vl"])
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
-    batch = mllm.prepare([image(10)], ["what is it?"])
-    with torch.no_grad():
-        before = mllm.model(**batch.inputs).logits
-    counts = hooks(mllm)
-    mllm.answer(image(10), "what is it?", methods=["icd"], max_new_tokens=3)
-    with pytest.raises(RuntimeError, match="boom"):
-        mllm.answer(image(10), "what is it?", methods=["icd"], max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
-    assert hooks(mllm) == counts
-    with torch.no_grad():
-        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
+    assert_restored_after_exit_and_exception(mllm, image(10), "icd", None)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
 
 from innersight.adapters.base import Batch
 from innersight.decode.contrast import BRANCH_MODES
@@ -15,8 +14,11 @@ from innersight.decode.image_free import image_free_inputs
 from innersight.decode.m3id import M3ID, M3IDConfig, m3id_scores, m3id_weight
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
-from innersight.testing.faults import RaiseOnStep
-from innersight.testing.steps import hooks, spy_steps, uncached_negative
+from innersight.testing.steps import (
+    assert_restored_after_exit_and_exception,
+    spy_steps,
+    uncached_negative,
+)
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
@@ -95,17 +97,7 @@ def test_strong_m3id_changes_the_answer(tiny_mllm, image):
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
-    batch = mllm.prepare([image(10)], ["what is it?"])
-    with torch.no_grad():
-        before = mllm.model(**batch.inputs).logits
-    counts = hooks(mllm)
-    mllm.answer(image(10), "what is it?", methods=["m3id"], max_new_tokens=3)
-    with pytest.raises(RuntimeError, match="boom"):
-        mllm.answer(image(10), "what is it?", methods=["m3id"], max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
-    assert hooks(mllm) == counts
-    with torch.no_grad():
-        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
+    assert_restored_after_exit_and_exception(mllm, image(10), "m3id", None)
 
 
 def test_refusals(tiny_mllm, image):

@@ -8,14 +8,12 @@ import math
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
 
 from innersight.attention import set_text_attention, text_attention
 from innersight.decode.only import ONLY, ONLYConfig, cleaned_entropy, kept_heads, only_scores
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
-from innersight.testing.faults import RaiseOnStep
-from innersight.testing.steps import attention_state, hooks
+from innersight.testing.steps import assert_restored_after_exit_and_exception
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
@@ -142,17 +140,7 @@ def test_strong_only_changes_the_answer(tiny_mllm, image):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
-    batch = mllm.prepare([image(10)], ["what is it?"])
-    with torch.no_grad():
-        before = mllm.model(**batch.inputs).logits
-    counts, state = hooks(mllm), attention_state(mllm)
-    mllm.answer(image(10), "what is it?", methods=["only"], max_new_tokens=3)
-    with pytest.raises(RuntimeError, match="boom"):
-        mllm.answer(image(10), "what is it?", methods=["only"], max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
-    assert hooks(mllm) == counts and attention_state(mllm) == state
-    with torch.no_grad():
-        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
+    assert_restored_after_exit_and_exception(mllm, image(10), "only", None, attention=True)
 
 
 def test_refusals(tiny_mllm, image):

@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
 
 from innersight.decode.contrast import BRANCH_MODES
 from innersight.decode.image_free import image_free_inputs
@@ -24,8 +23,11 @@ from innersight.decode.pai import (
 )
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
-from innersight.testing.faults import RaiseOnStep
-from innersight.testing.steps import attention_state, hooks, spy_steps, uncached_negative
+from innersight.testing.steps import (
+    assert_restored_after_exit_and_exception,
+    spy_steps,
+    uncached_negative,
+)
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
@@ -146,19 +148,7 @@ def test_strong_pai_changes_the_answer_and_composes_at_the_attention_point(tiny_
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
-    batch = mllm.prepare([image(10)], ["what is it?"])
-    with torch.no_grad():
-        before = mllm.model(**batch.inputs).logits
-    counts, state = hooks(mllm), attention_state(mllm)
-    settings = {"pai": {**ALL_LAYERS, "alpha": "2"}}
-    for name in ("pai", "pai-attention"):
-        mllm.answer(image(10), "what is it?", methods=[name], settings=settings, max_new_tokens=3)
-        with pytest.raises(RuntimeError, match="boom"):
-            mllm.answer(image(10), "what is it?", methods=[name], settings=settings, max_new_tokens=5,
-                        stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
-        assert hooks(mllm) == counts and attention_state(mllm) == state
-    with torch.no_grad():
-        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
+    assert_restored_after_exit_and_exception(mllm, image(10), ("pai", "pai-attention"), {"pai": {**ALL_LAYERS, "alpha": "2"}}, attention=True)
 
 
 def test_refusals(tiny_mllm, image):

@@ -15,6 +15,7 @@ from innersight.decode.contrast import (
     ContrastiveProcessor,
     NegativeBranch,
     contrast,
+    features_per_sample,
     splice_images,
 )
 from innersight.decode.vcd import (
@@ -116,11 +117,7 @@ def _clean_processor(mllm, batch, mode="batched", alpha=1.0):
     def build():
         with torch.no_grad():
             feats = image_features(mllm, batch, batch.inputs["pixel_values"])
-        per_sample, flat = [], 0
-        for sizes in batch.image_sizes:
-            per_sample.append(feats[flat:flat + len(sizes)])
-            flat += len(sizes)
-        return splice_images(mllm.adapter, batch, per_sample)
+        return splice_images(mllm.adapter, batch, features_per_sample(batch, feats))
 
     return ContrastiveProcessor(NegativeBranch(mllm.adapter, build, mode=mode), alpha=alpha, beta=0.1)
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import StoppingCriteriaList
 
 from innersight.decode.early_exit import EarlyExit
 from innersight.decode.image_free import image_free_inputs
 from innersight.decode.vista import VISTA, VISTAConfig, VISTAProcessor, augment, steer, steering_vectors
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
-from innersight.testing.faults import RaiseOnStep
-from innersight.testing.steps import hooks, spy_steps
+from innersight.testing.steps import assert_restored_after_exit_and_exception, spy_steps
 
 FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
@@ -131,17 +129,7 @@ def test_strong_vista_changes_the_answer(tiny_mllm, image):
 @pytest.mark.parametrize("family", ["llava", "instructblip"])
 def test_model_restored_after_exit_and_after_exception(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
-    batch = mllm.prepare([image(10)], ["what is it?"])
-    with torch.no_grad():
-        before = mllm.model(**batch.inputs).logits
-    counts = hooks(mllm)
-    mllm.answer(image(10), "what is it?", methods=["vista"], max_new_tokens=3)
-    with pytest.raises(RuntimeError, match="boom"):
-        mllm.answer(image(10), "what is it?", methods=["vista"], max_new_tokens=5,
-                    stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
-    assert hooks(mllm) == counts
-    with torch.no_grad():
-        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
+    assert_restored_after_exit_and_exception(mllm, image(10), "vista", None)
     with pytest.raises(MethodError, match="beam search"):
         mllm.answer(image(0), "what is it?", methods=["vista"], num_beams=2)
 

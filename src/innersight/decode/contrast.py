@@ -180,6 +180,16 @@ def _left_pad_start(mask_row: torch.Tensor) -> int:
     return start
 
 
+def features_per_sample(batch: Any, feats: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The flat per-image features of :func:`~.vcd.image_features` grouped by sample: ``out[b][i]``
+    is image ``i`` of sample ``b``, [n_i, D]."""
+    out, flat = [], 0
+    for sizes in batch.image_sizes:
+        out.append([feats[flat + i] for i in range(len(sizes))])
+        flat += len(sizes)
+    return out
+
+
 def splice_images(
     adapter: Any,
     batch: Any,
@@ -237,20 +247,37 @@ def splice_images(
         rows_ids.append(torch.cat(pieces_ids))
         rows_emb.append(torch.cat(pieces_emb, dim=0))
         counts.append(row_counts)
+    return left_padded(adapter, batch, rows_ids, rows_emb, counts, grid_shapes)
+
+
+def left_padded(
+    adapter: Any,
+    batch: Any,
+    rows_ids: Sequence[torch.Tensor],
+    rows_emb: Sequence[torch.Tensor],
+    image_tokens: list[list[int]],
+    grid_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+) -> NegativeInputs:
+    """:class:`NegativeInputs` from unpadded rows a method built from ``batch``: token ids ``[n_b]``
+    (the image token id at image positions) and embeddings ``[n_b, D]``, left-padded with the pad
+    token's embedding; positions from ``adapter.prompt_positions``."""
+    ids = batch.input_ids
+    embed = adapter.language_model.get_input_embeddings()
+    device = embed.weight.device
     length = max(r.numel() for r in rows_ids)
     pad_id = getattr(adapter.tokenizer, "pad_token_id", None)
     pad_id = int(pad_id) if pad_id is not None else 0
     out_ids = torch.full((len(rows_ids), length), pad_id, dtype=ids.dtype, device=ids.device)  # [B, Ln]
     out_mask = torch.zeros((len(rows_ids), length), dtype=torch.long, device=ids.device)  # [B, Ln]
-    pad_vec = embed(torch.tensor([pad_id], device=device))[0]  # [D]
+    pad_vec = embed(torch.tensor([pad_id], device=device))[0].to(rows_emb[0].dtype)  # [D]
     out_emb = pad_vec.expand(len(rows_ids), length, pad_vec.shape[-1]).clone()  # [B, Ln, D]
     for b, (row_ids, row_emb) in enumerate(zip(rows_ids, rows_emb)):
         n = row_ids.numel()
         out_ids[b, length - n:] = row_ids
         out_mask[b, length - n:] = 1
         out_emb[b, length - n:] = row_emb
-    positions = adapter.prompt_positions(batch, out_ids, out_mask, counts, grid_shapes)  # [B, L] or [4, B, L]
-    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, counts)
+    positions = adapter.prompt_positions(batch, out_ids, out_mask, image_tokens, grid_shapes)  # [B, L] / [4, B, L]
+    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, image_tokens)
 
 
 # ---------------------------------------------------------------------- the negative branch

@@ -73,6 +73,7 @@ from .contrast import (
     NegativeInputs,
     check_generation,
     check_strength,
+    features_per_sample,
     splice_images,
 )
 
@@ -476,11 +477,8 @@ class OutlierCapture:
         if len(feats) != self.num_images:
             raise MethodError("damro: the outlier tokens were not captured during the main prefill "
                               "(was the vision tower run inside the processor's context?)")
-        per_sample, grids, flat = [], [], 0
-        for sizes in self.batch.image_sizes:
-            per_sample.append([feats[flat + i] for i in range(len(sizes))])
-            grids.append([(1, int(feats[flat + i].shape[0])) for i in range(len(sizes))])
-            flat += len(sizes)
+        per_sample = features_per_sample(self.batch, feats)
+        grids = [[(1, int(f.shape[0])) for f in row] for row in per_sample]
         return splice_images(self.adapter, self.batch, per_sample,
                              grid_shapes=grids if self.family.startswith("qwen") else None)
 

@@ -42,6 +42,7 @@ from .contrast import (
     _left_pad_start,
     check_generation,
     check_strength,
+    left_padded,
 )
 
 SOURCE = "arXiv 2403.18715 (ICD, Findings of ACL 2024)"
@@ -137,21 +138,8 @@ def disturbed_inputs(adapter: Any, batch: Any, embeds: torch.Tensor, disturbance
         start = _left_pad_start(mask[b])
         rows_ids.append(torch.cat([ids[b, start:at], extra, ids[b, at:]]))
         rows_emb.append(torch.cat([embeds[b, start:at].to(device), extra_emb, embeds[b, at:].to(device)], dim=0))
-    length = max(r.numel() for r in rows_ids)
-    pad_id = getattr(adapter.tokenizer, "pad_token_id", None)
-    pad_id = int(pad_id) if pad_id is not None else 0
-    out_ids = torch.full((len(rows_ids), length), pad_id, dtype=ids.dtype, device=ids.device)  # [B, Ln]
-    out_mask = torch.zeros((len(rows_ids), length), dtype=torch.long, device=ids.device)  # [B, Ln]
-    pad_vec = embed(torch.tensor([pad_id], device=device))[0].to(embeds.dtype)  # [D]
-    out_emb = pad_vec.expand(len(rows_ids), length, pad_vec.shape[-1]).clone()  # [B, Ln, D]
-    for b, (row_ids, row_emb) in enumerate(zip(rows_ids, rows_emb)):
-        n = row_ids.numel()
-        out_ids[b, length - n:] = row_ids
-        out_mask[b, length - n:] = 1
-        out_emb[b, length - n:] = row_emb
     counts = [[lay.num_tokens for lay in layouts] for layouts in batch.layouts]
-    positions = adapter.prompt_positions(batch, out_ids, out_mask, counts)  # [B, L] or [4, B, L]
-    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, counts)
+    return left_padded(adapter, batch, rows_ids, rows_emb, counts)
 
 
 class ICD:

@@ -37,6 +37,7 @@ from .contrast import (
     NegativeInputs,
     check_generation,
     check_strength,
+    features_per_sample,
     splice_images,
 )
 
@@ -131,14 +132,11 @@ def negative_inputs(mllm: Any, batch: Any, config: VCDConfig) -> NegativeInputs:
     with torch.no_grad():
         pixels = noised_pixel_values(adapter, batch, config.noise_step, config.seed)
         feats = image_features(mllm, batch, pixels)
-    per_sample, flat = [], 0
-    for b, sizes in enumerate(batch.image_sizes):
-        row = [feats[flat + i] for i in range(len(sizes))]
-        for layout, f in zip(batch.layouts[b], row):
+    per_sample = features_per_sample(batch, feats)
+    for layouts, row in zip(batch.layouts, per_sample):
+        for layout, f in zip(layouts, row):
             if f.shape[0] != layout.num_tokens:
                 raise MethodError(f"vcd: a noised image gave {f.shape[0]} tokens, the prompt holds {layout.num_tokens}")
-        per_sample.append(row)
-        flat += len(sizes)
     return splice_images(adapter, batch, per_sample)
 
 

@@ -41,7 +41,7 @@ from transformers import LogitsProcessor
 from ..attention import handler_rows
 from ..errors import MethodError
 from ..hooks import HookHandles
-from .contrast import NegativeInputs, check_generation, splice_images
+from .contrast import NegativeInputs, check_generation, features_per_sample, splice_images
 from .early_exit import EarlyExit
 from .image_free import image_free_inputs, require_images
 from .vcd import image_features
@@ -125,11 +125,7 @@ def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
     float32, from one forward of the positive and image-free prompts stacked as ``2B`` rows."""
     adapter = mllm.adapter
     with torch.no_grad():
-        feats = image_features(mllm, batch, batch.inputs["pixel_values"])
-        per_sample, flat = [], 0
-        for sizes in batch.image_sizes:
-            per_sample.append(feats[flat:flat + len(sizes)])
-            flat += len(sizes)
+        per_sample = features_per_sample(batch, image_features(mllm, batch, batch.inputs["pixel_values"]))
         both = _stack(splice_images(adapter, batch, per_sample), image_free_inputs(adapter, batch))
         capture = EarlyExit(adapter, range(1, adapter.num_layers + 1))
         # an attention method of the same call (e.g. VAR) acts on the answer's forwards, not on this one

@@ -52,3 +52,31 @@ def attention_state(mllm: Any) -> tuple[str, list[tuple[str, ...]]]:
 
     attrs = [tuple(a for a in vars(layer.self_attn) if a.startswith("_innersight")) for layer in mllm.adapter.decoder_layers]
     return text_attention(mllm.model), attrs
+
+
+def assert_restored_after_exit_and_exception(mllm: Any, image: Any, names: Any, settings: Any = None,
+                                             *, attention: bool = False) -> None:
+    """Run each method of ``names`` once to the end and once into an exception raised mid-generation
+    (:class:`~innersight.testing.faults.RaiseOnStep`); afterwards the hooks (and, with
+    ``attention``, the attention implementation and our attributes on its modules) are as before
+    each run, and the model's logits equal the untouched model's exactly."""
+    import pytest
+    from transformers import StoppingCriteriaList
+
+    from .faults import RaiseOnStep
+
+    batch = mllm.prepare([image], ["what is it?"])
+    with torch.no_grad():
+        before = mllm.model(**batch.inputs).logits
+    counts = hooks(mllm)
+    state = attention_state(mllm) if attention else None
+    for name in [names] if isinstance(names, str) else names:
+        mllm.answer(image, "what is it?", methods=[name], settings=settings, max_new_tokens=3)
+        with pytest.raises(RuntimeError, match="boom"):
+            mllm.answer(image, "what is it?", methods=[name], settings=settings, max_new_tokens=5,
+                        stopping_criteria=StoppingCriteriaList([RaiseOnStep(2)]))
+        assert hooks(mllm) == counts
+        if attention:
+            assert attention_state(mllm) == state
+    with torch.no_grad():
+        torch.testing.assert_close(mllm.model(**batch.inputs).logits, before, rtol=0, atol=0)
