@@ -15,14 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from innersight.adapters import FAMILIES
 from innersight.adapters.geometry import GridView, row_major_index
 from innersight.attention import text_attention
 from innersight.errors import UserInputError
 from innersight.instruments import attention_ratio as AR
 from innersight.instruments import get_instrument, write_measurement
 from innersight.mllm import Answer
-
-FAMILIES = ("llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl")
 
 
 def _view(rows: int, cols: int, region=(0.0, 0.0, 4.0, 4.0)) -> GridView:

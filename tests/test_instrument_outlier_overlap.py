@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.attention import set_text_attention, text_attention
 from innersight.cli import main
 from innersight.errors import UserInputError
 from innersight.instruments import get_instrument
 from innersight.instruments import outlier_overlap as O
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 #: ranked vision tokens per tiny family for a 90x60 image: LLaVA 4x4 patches, LLaVA-NeXT a 2x2 base
 #: view, InstructBLIP 4x4 ViT patches
 TOKENS = {"llava": 16, "llava_next": 4, "instructblip": 16}

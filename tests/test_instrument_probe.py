@@ -17,11 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.errors import UserInputError
 from innersight.instruments import get_instrument, write_measurement
 from innersight.instruments import probe as pr
-
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.attention import sdpa_forward, set_text_attention, text_attention
 from innersight.cli import main
 from innersight.errors import UserInputError
@@ -28,7 +29,6 @@ from innersight.instruments.sinks import (
 )
 from innersight.testing import planting
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 #: four decoder layers of hidden 64: a planted token has phi = sqrt(64 / 2) = 5.66, random ones < 4
 TINY = {"num_layers": 4, "hidden_size": 64}
 DIMS = (5, 11)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
+from innersight.adapters import FAMILIES  # noqa: E402
+
 QUESTIONS = ["what is it?", "is there a dog in the picture at all?"]
 
 

@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.adapters.base import WORD_JOINER, as_plain_text, control_strings
 from innersight.errors import UserInputError
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 ALWAYS = ["<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "[CLS]", "[SEP]", "[MASK]"]
 
 

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.attend import sinks as S
 from innersight.attend.var import VAR, VARConfig
 from innersight.errors import MethodError
-
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.adapters.base import Batch
 from innersight.attend.var import TASK_RHO, VAR, VARConfig, redistribute
 from innersight.attention import IMPLEMENTATION, text_attention
 from innersight.errors import MethodError
 from innersight.methods import METHODS, resolve_methods
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is the color of the circle?", "is there a dog?"]
 
 

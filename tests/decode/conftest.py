@@ -12,8 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
-
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))

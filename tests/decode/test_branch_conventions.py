@@ -12,12 +12,12 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.decode import contrast
 from innersight.decode.contrast import NegativeBranch
 from innersight.generation_calls import CACHE_NAMES, cache_argument, find_cache, output_cache
 from innersight.testing.cli import run_cli
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 

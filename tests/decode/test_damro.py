@@ -34,7 +34,8 @@ from innersight.methods import resolve_methods
 from innersight.testing.faults import RaiseOnStep
 
 NEG = float("-inf")
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
+from innersight.adapters import FAMILIES  # noqa: E402
+
 #: outlier count per tiny family (LLaVA 16 patches, LLaVA-NeXT 4 base patches, InstructBLIP 16
 #: ViT patches, Qwen >= 2 merged tokens for the test images)
 K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}

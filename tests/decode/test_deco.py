@@ -16,7 +16,7 @@ from innersight.methods import resolve_methods
 from innersight.testing.faults import RaiseOnStep
 
 NEG = float("-inf")
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
+from innersight.adapters import FAMILIES  # noqa: E402
 
 
 class Fixed:

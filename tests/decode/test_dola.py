@@ -15,7 +15,8 @@ from innersight.methods import resolve_methods
 from innersight.testing.faults import RaiseOnStep
 
 NEG = float("-inf")
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
+from innersight.adapters import FAMILIES  # noqa: E402
+
 #: on random tiny models the un-normed embeddings give a near-uniform early exit, which makes DoLa
 #: equal to greedy; with the final norm applied the contrast is strong enough to change answers
 STRONG = {"final_norm": True, "layers": (0, 1)}

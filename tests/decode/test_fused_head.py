@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.decode.early_exit import EarlyExit
-
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 
 
 def _count_head_calls(mllm):

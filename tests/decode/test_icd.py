@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.decode.contrast import contrast
 from innersight.decode.icd import DISTURBANCES, ICD, ICDConfig, PromptEmbeddings, disturbed_inputs
 from innersight.errors import MethodError
@@ -17,7 +18,6 @@ from innersight.testing.steps import (
     uncached_negative,
 )
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

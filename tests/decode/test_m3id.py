@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.adapters.base import Batch
 from innersight.decode.contrast import BRANCH_MODES
 from innersight.decode.image_free import image_free_inputs
@@ -20,7 +21,6 @@ from innersight.testing.steps import (
     uncached_negative,
 )
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.attention import set_text_attention, text_attention
 from innersight.decode.only import ONLY, ONLYConfig, cleaned_entropy, kept_heads, only_scores
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
 from innersight.testing.steps import assert_restored_after_exit_and_exception
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.decode.contrast import BRANCH_MODES
 from innersight.decode.image_free import image_free_inputs
 from innersight.decode.pai import (
@@ -29,7 +30,6 @@ from innersight.testing.steps import (
     uncached_negative,
 )
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 ALL_LAYERS = {"start_layer": "0"}
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.adapters.base import Batch
 from innersight.decode.contrast import (
     BRANCH_MODES,
@@ -31,7 +32,6 @@ from innersight.errors import MethodError
 from innersight.methods import resolve_methods
 from innersight.testing.faults import RaiseOnStep
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from innersight.adapters import FAMILIES  # noqa: E402
 from innersight.decode.early_exit import EarlyExit
 from innersight.decode.image_free import image_free_inputs
 from innersight.decode.vista import VISTA, VISTAConfig, VISTAProcessor, augment, steer, steering_vectors
@@ -14,7 +15,6 @@ from innersight.errors import MethodError
 from innersight.methods import resolve_methods
 from innersight.testing.steps import assert_restored_after_exit_and_exception, spy_steps
 
-FAMILIES = ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"]
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

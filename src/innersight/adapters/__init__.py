@@ -28,6 +28,9 @@ FAMILY_NAMES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
 }
 
+#: every supported family (config ``model_type``), in registry order: what tests parametrise over
+FAMILIES: tuple[str, ...] = tuple(ADAPTERS)
+
 
 def adapter_class(model_type: str) -> Any:
     """The adapter class for a config ``model_type``; a clear error for anything else."""
