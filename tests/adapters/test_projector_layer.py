@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from innersight.adapters.llava import LlavaAdapter
-from innersight.decode.damro import OutlierCapture, default_vision_layer
+from innersight.decode.damro import OutlierCapture
 from innersight.errors import MethodError
 
 
@@ -94,7 +94,7 @@ def test_damro_default_layer_equals_a_hand_computation_on_a_tiny_clip_with_disti
     projector consumes), not layers[3] (whose *input* it is, the former default)."""
     mllm = tiny_mllm("llava", vision_layers=4)
     adapter = mllm.adapter
-    assert default_vision_layer(adapter) == 2
+    assert adapter.outlier_vision_layer == 2
     batch = mllm.prepare([_image(0), _image(1)], ["what is it?", "is there a dog?"])
     pixels = batch.inputs["pixel_values"]
     k = 5
@@ -112,9 +112,9 @@ def test_damro_default_layer_equals_a_hand_computation_on_a_tiny_clip_with_disti
 
 def test_damro_default_layers_of_the_other_families(tiny_mllm):
     blip = tiny_mllm("instructblip").adapter
-    assert default_vision_layer(blip) == blip.projector_vision_layer - 1  # reference: encoder.layers[-2]
+    assert blip.outlier_vision_layer == blip.projector_vision_layer - 1  # reference: encoder.layers[-2]
     for family in ("qwen2_vl", "qwen2_5_vl"):
         adapter = tiny_mllm(family).adapter
         full = getattr(adapter.config.vision_config, "fullatt_block_indexes", None)
         expected = max(full) if full else len(adapter.vision_layers) - 1
-        assert default_vision_layer(adapter) == expected
+        assert adapter.outlier_vision_layer == expected

@@ -21,13 +21,9 @@ from innersight.decode.damro import (
     REDUCTIONS,
     DAMROConfig,
     OutlierCapture,
-    attention_module,
     cls_attention,
-    default_vision_layer,
     received_attention,
     top_outliers,
-    vision_encoder_layers,
-    vision_qk,
 )
 from innersight.errors import MethodError
 from innersight.methods import resolve_methods
@@ -203,8 +199,8 @@ def test_clip_outliers_equal_hand_computation_from_eager_attentions(tiny_mllm, i
     capture = proc.contexts[0]
     pixels = batch.inputs["pixel_values"]
     base = pixels if family == "llava" else pixels[:, 0]  # LLaVA-NeXT: the base view is tile 0
-    layer = default_vision_layer(adapter)
-    assert layer == len(vision_encoder_layers(adapter)) - 2  # vision_feature_layer -2: the layer whose output the projector reads
+    layer = adapter.outlier_vision_layer
+    assert layer == len(adapter.vision_layers) - 2  # vision_feature_layer -2: the layer whose output the projector reads
     attn = _eager_vision(adapter.vision_tower, base)[layer][:, :, 0]  # [N, H, 1 + P] the [CLS] rows
     heads = attn.shape[1]
     if reduction == "mean_heads":
@@ -222,8 +218,8 @@ def test_instructblip_outliers_mean_heads_and_official_shift(tiny_mllm, image):
     mllm = tiny_mllm("instructblip")
     adapter = mllm.adapter
     batch = mllm.prepare([image(0)], QUESTIONS[:1])
-    layer = default_vision_layer(adapter)
-    assert layer == len(vision_encoder_layers(adapter)) - 2  # reference: encoder.layers[-2]
+    layer = adapter.outlier_vision_layer
+    assert layer == len(adapter.vision_layers) - 2  # reference: encoder.layers[-2]
     attn = _eager_vision(adapter.vision_tower, batch.inputs["pixel_values"])[layer][:, :, 0]  # [1, H, 1 + P]
     expected = attn.mean(1)[0, 1:]
     order = expected.topk(3).indices
@@ -237,7 +233,7 @@ def test_instructblip_outliers_mean_heads_and_official_shift(tiny_mllm, image):
         torch.testing.assert_close(capture.scores[0], expected, atol=1e-5, rtol=1e-4)
         assert capture.selected[0].tolist() == order.tolist()
         # default: patch i is ViT token i + 1; official: the reference's index i (token i, [CLS] at 0)
-        torch.testing.assert_close(capture._vit_tokens[0], vit[order + shift])
+        torch.testing.assert_close(capture.tokens[0], vit[order + shift])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -247,7 +243,7 @@ def test_vision_queries_and_keys_reproduce_the_attention_output(tiny_mllm, image
     mllm = tiny_mllm(family)
     adapter = mllm.adapter
     batch = mllm.prepare([image(0), image(1, 50, 80)], QUESTIONS)
-    module = attention_module(vision_encoder_layers(adapter)[default_vision_layer(adapter)])
+    module = adapter.vision_attention(adapter.outlier_vision_layer)
     seen = {}
 
     def pre(mod, args, kwargs):
@@ -266,7 +262,7 @@ def test_vision_queries_and_keys_reproduce_the_attention_output(tiny_mllm, image
             h.remove()
     hidden, kwargs = seen["hidden"], seen["kwargs"]
     with torch.no_grad():
-        q, k = vision_qk(module, hidden, kwargs)  # [N, H, L, d]
+        q, k = adapter.vision_query_key(module, hidden, kwargs)  # [N, H, L, d]
         heads = module.num_heads
         if hasattr(module, "v_proj"):
             v = module.v_proj(hidden).view(*hidden.shape[:2], heads, -1).transpose(1, 2)
@@ -294,7 +290,7 @@ def test_qwen_scores_are_received_attention_pooled_per_merged_token(tiny_mllm, i
     mllm = tiny_mllm(family)
     adapter = mllm.adapter
     batch = mllm.prepare([image(0), image(1, 50, 80)], QUESTIONS)
-    module = attention_module(vision_encoder_layers(adapter)[default_vision_layer(adapter)])
+    module = adapter.vision_attention(adapter.outlier_vision_layer)
     seen = {}
     handle = module.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.update(hidden=args[0] if args else kwargs["hidden_states"], kwargs=dict(kwargs)),
@@ -306,7 +302,7 @@ def test_qwen_scores_are_received_attention_pooled_per_merged_token(tiny_mllm, i
         handle.remove()
     capture = proc.contexts[0]
     with torch.no_grad():
-        q, k = vision_qk(module, seen["hidden"], seen["kwargs"])
+        q, k = adapter.vision_query_key(module, seen["hidden"], seen["kwargs"])
     bounds = seen["kwargs"]["cu_seqlens"].tolist()
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         probs = torch.softmax(q[0, :, s:e] @ k[0, :, s:e].transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)  # [H, P, P]
@@ -369,7 +365,7 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
     # the spliced image tokens are the model's own projected tokens at the outlier indices
     embeds = neg.inputs_embeds
     if family == "instructblip":
-        assert capture._vit_tokens.shape[1] == k
+        assert torch.stack(capture.tokens).shape[1] == k
         module = adapter.vision_tower
 
         def only_outliers(mod, args, output):  # the model's own Q-Former path over the k ViT tokens
@@ -407,7 +403,7 @@ def test_llava_generate_equals_a_hand_built_negative_and_contrast(tiny_mllm, ima
     k, alpha, beta = 4, 3.0, 0.1
     for seed, question in ((0, "what is it?"), (3, "is there a dog?")):
         batch = mllm.prepare([image(seed)], [question])
-        attn = _eager_vision(adapter.vision_tower, batch.inputs["pixel_values"])[default_vision_layer(adapter)]
+        attn = _eager_vision(adapter.vision_tower, batch.inputs["pixel_values"])[adapter.outlier_vision_layer]
         cls = attn[0, :, 0]  # [H, 1 + P]
         score = cls.mean(0) if reduction == "mean_heads" else torch.softmax(cls.log().sum(0) / math.sqrt(cls.shape[0]), -1)
         outliers = score[1:].topk(k).indices

@@ -370,6 +370,188 @@ class Adapter(ABC):
 
         raise MethodError(f"{self.family}: pixel-space maps (pure-grad) are not available for this family")
 
+    # ---- vision facet: what the vision path does, for outlier analyses and image contrasts --------
+    #
+    # Asked by DAMRO (decode/damro.py: outlier scoring and its negative branch), the outlier-overlap
+    # instrument (instruments/outlier_overlap.py) and the image-contrast methods (decode/vcd.py,
+    # decode/vista.py: the image features of a batch). Terms used below:
+    #
+    # * the *scored view* of an image: the vision-encoder sequence whose self-attention ranks the
+    #   image's tokens (the image itself; LLaVA-NeXT: its base view, not the tiles);
+    # * its *candidates*: the units an outlier is chosen among, in order. For families whose
+    #   language-model tokens are grid cells, one candidate per LM token of the first view (CLIP
+    #   patches; Qwen merged 2x2 tokens); where the LM sees other tokens (InstructBLIP's Q-Former
+    #   queries), the vision patches those tokens read.
+    #
+    # Defaults follow the CLIP / SigLIP / BLIP convention (``[N, L, D]`` per image or tile, a
+    # ``self_attn`` module with ``q_proj`` / ``k_proj``); a family overrides only what differs, and
+    # a fact the base cannot know raises MethodError naming the family and the missing fact.
+
+    @property
+    def outlier_vision_layer(self) -> int:
+        """Index into :attr:`vision_layers` of the layer whose self-attention ranks the vision
+        tokens by default (DAMRO's ``vision_layer`` left unset, the outlier-overlap instrument).
+
+        Base: :attr:`projector_vision_layer`, the layer whose output the projector consumes (the
+        paper's choice, arXiv 2410.04514 Sec. 3.3; LLaVA-1.5's ``vision_feature_layer = -2`` on
+        CLIP ViT-L is ``layers[22]`` of 24, the layer the reference's llava-hf path hooks)."""
+        return self.projector_vision_layer
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """Whether the vision encoder's sequence starts with a [CLS] token whose attention row
+        ranks the patches (DAMRO, outlier-overlap). Without one, DAMRO uses its documented
+        substitute: the mean attention each token *receives* (an extension beyond the paper).
+
+        Base: the CLIP / BLIP / InternViT convention, a ``class_embedding`` on the vision tower's
+        ``embeddings`` module (SigLIP has none: False).
+
+        Raises:
+            MethodError: the tower has no ``embeddings`` module, so the family must say.
+        """
+        tower = self.vision_tower
+        embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+        if embeddings is None:
+            raise MethodError(f"{self.family}: cannot tell whether the vision encoder has a [CLS] token "
+                              f"(no embeddings module on {type(tower).__name__}); the adapter must set vision_has_cls")
+        return hasattr(embeddings, "class_embedding")
+
+    def vision_attention(self, layer: int) -> Any:
+        """The self-attention module of vision layer ``layer`` (an index into
+        :attr:`vision_layers`): DAMRO reads its queries and keys with a forward pre-hook.
+        Base: the layer's ``self_attn`` (CLIP, SigLIP, BLIP).
+
+        Raises:
+            MethodError: ``layer`` out of range, or a layer without ``self_attn``.
+        """
+        layers = self.vision_layers
+        if not 0 <= int(layer) < len(layers):
+            raise MethodError(f"{self.family}: vision layer {layer} outside 0..{len(layers) - 1}")
+        module = getattr(layers[int(layer)], "self_attn", None)
+        if module is None:
+            raise MethodError(f"{self.family}: vision layer {type(layers[int(layer)]).__name__} has no self_attn; "
+                              f"the adapter must name its attention module (vision_attention)")
+        return module
+
+    def vision_query_key(self, module: Any, hidden: torch.Tensor,
+                         call_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected, un-scaled queries and keys ``[N, H, L, d]`` of vision attention ``module``
+        (:meth:`vision_attention`) for its input ``hidden`` (``[N, L, D]``), exactly what its
+        attention scores come from; ``call_kwargs`` are the keyword arguments of the call (where a
+        family's attention needs them: rotary embeddings, segment bounds). Used by DAMRO's
+        outlier scoring. Base: separate ``q_proj`` / ``k_proj`` (CLIP, SigLIP).
+
+        Raises:
+            MethodError: a module without ``q_proj`` / ``k_proj``.
+        """
+        if not (hasattr(module, "q_proj") and hasattr(module, "k_proj")):
+            raise MethodError(f"{self.family}: cannot read the queries and keys of {type(module).__name__} "
+                              f"(no q_proj / k_proj); the adapter must override vision_query_key")
+        heads = int(module.num_heads)
+        n, length, _ = hidden.shape
+        q = module.q_proj(hidden).view(n, length, heads, -1).transpose(1, 2)  # [N, H, L, d]
+        k = module.k_proj(hidden).view(n, length, heads, -1).transpose(1, 2)  # [N, H, L, d]
+        return q, k
+
+    def scored_vision_rows(self, batch: Batch, rows: int) -> torch.Tensor:
+        """Which of the ``rows`` sequences the vision tower ran for ``batch`` is each image's
+        scored view: ``[N_images]`` long, images flat over the batch. Base: one sequence per image.
+
+        Raises:
+            MethodError: ``rows`` is not the batch's image count.
+        """
+        import torch
+
+        images = sum(len(sizes) for sizes in batch.image_sizes)
+        if rows != images:
+            raise MethodError(f"{self.family}: the vision tower ran {rows} sequences but the batch has {images} images")
+        return torch.arange(rows)
+
+    def vision_attention_per_image(self, batch: Batch, query: torch.Tensor, key: torch.Tensor,
+                                   call_kwargs: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (flat over the batch), the queries and keys ``[H, L_i, d]`` of its scored
+        view, from :meth:`vision_query_key`'s ``[N, H, L, d]``: what DAMRO's [CLS] row (or
+        substitute) is computed over. Base: the rows :meth:`scored_vision_rows` names."""
+        rows = self.scored_vision_rows(batch, int(query.shape[0]))
+        return [(query[r], key[r]) for r in rows.tolist()]
+
+    def pool_vision_scores(self, batch: Batch, image_index: int, scores: torch.Tensor) -> torch.Tensor:
+        """Per-token scores ``[P]`` of image ``image_index``'s scored view (the [CLS] column
+        already dropped) as scores per candidate ``[M]``, in candidate order (DAMRO picks its
+        outliers among these; outlier-overlap ranks them). Base: one candidate per token."""
+        return scores
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The module whose forward output holds every image's candidates as the model itself
+        encodes them: DAMRO gathers its outliers there during the main prefill (nothing is
+        encoded twice) and hands them to :meth:`encode_vision_subset`.
+
+        Raises:
+            MethodError: in the base class: the family must name it.
+        """
+        raise MethodError(f"{self.family}: the adapter does not name the module whose output holds the image's "
+                          f"candidate tokens (vision_subset_source); DAMRO cannot build its negative image")
+
+    @property
+    def vision_subset_prefix(self) -> int:
+        """Tokens before the candidates in each sequence of :attr:`vision_subset_source`'s
+        output (a kept [CLS]). Base: none."""
+        return 0
+
+    def vision_candidates(self, batch: Batch, output: Any, *, with_prefix: bool = False) -> list[torch.Tensor]:
+        """Per image (flat over the batch), its candidates ``[M_i, D]`` in candidate order, read
+        from :attr:`vision_subset_source`'s forward ``output``. ``with_prefix`` keeps the
+        :attr:`vision_subset_prefix` tokens in front (``[prefix + M_i, D]``), so that candidate
+        indices count from the sequence start: DAMRO's ``official`` preset reproduces a reference
+        off-by-one with it. Base: a tensor ``[rows, prefix + M, D]`` (or an output's
+        ``last_hidden_state``) at :meth:`scored_vision_rows`."""
+        tokens = output if _is_tensor(output) else output.last_hidden_state  # [rows, prefix + M, D]
+        start = 0 if with_prefix else self.vision_subset_prefix
+        rows = self.scored_vision_rows(batch, int(tokens.shape[0]))
+        return [tokens[r, start:] for r in rows.tolist()]
+
+    def encode_vision_subset(self, batch: Batch, tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The language-model tokens ``[n_i, D]`` that stand for image ``i`` (flat over the batch)
+        when only ``tokens[i]`` (a subset of its :meth:`vision_candidates`, ``[k, Dc]``) is left of
+        it: DAMRO's negative image. Base: the candidates themselves (they are projector outputs)."""
+        return list(tokens)
+
+    #: names of ``batch.inputs`` entries that the model's ``get_image_features`` needs besides the
+    #: pixels (passed by keyword; a missing one as None)
+    image_feature_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def image_features(self, batch: Batch, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The language-model tokens ``[n_i, D]`` of every image of ``batch`` (flat) for
+        ``pixel_values`` (the batch's own, or a method's distorted copy), through the model's own
+        vision path (``get_image_features``); VCD's noised image and VISTA's visual tokens."""
+        extra = {name: batch.inputs.get(name) for name in self.image_feature_inputs}
+        out = self.model.get_image_features(pixel_values, **extra, return_dict=True)
+        return [f.reshape(-1, f.shape[-1]) for f in out.pooler_output]
+
+    def vision_input_index(self, batch: Batch, image_index: int) -> int | slice:
+        """Where image ``image_index`` (flat over the batch) lies in ``batch.inputs["pixel_values"]``
+        along dim 0: VCD noises each image on its own. Base: one leading row per image
+        (``[N, 3, S, S]``, or ``[N, tiles, 3, S, S]``).
+
+        Raises:
+            MethodError: the pixels' leading dimension is not the batch's image count.
+        """
+        images = sum(len(sizes) for sizes in batch.image_sizes)
+        rows = int(batch.inputs["pixel_values"].shape[0])
+        if rows != images:
+            raise MethodError(f"{self.family}: pixel_values hold {rows} images but the batch has {images}")
+        return int(image_index)
+
+    @property
+    def query_patch_blocks(self) -> int:
+        """How many blocks map the language model's image tokens onto the vision patches, for
+        families whose LM image tokens are not grid cells (InstructBLIP: the Q-Former
+        cross-attention blocks, read with ``record_query_patch_attention(block)``); the
+        outlier-overlap instrument averages them. Base: 0 (the LM image tokens are the cells of
+        the first view's ``token_index``)."""
+        return 0
+
     # ------------------------------------------------------------------ description
     def describe(self) -> dict[str, Any]:
         return {
@@ -382,6 +564,13 @@ class Adapter(ABC):
             "vision_feature_layer": self.vision_feature_layer,
             "projector_vision_layer": self.projector_vision_layer,
         }
+
+
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor (torch imported only when asked)."""
+    import torch
+
+    return isinstance(value, torch.Tensor)
 
 
 def control_strings(tokenizers: Sequence[Any], processor: Any = None) -> tuple[str, ...]:

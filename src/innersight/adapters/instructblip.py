@@ -305,3 +305,76 @@ class InstructBlipAdapter(Adapter):
             "patch_grid": list(self.patch_grid),
         })
         return info
+
+    # ------------------------------------------------------------------ vision facet
+    # BLIP ViT: [CLS] + patches, a fused ``qkv`` projection. The language model sees the Q-Former's
+    # queries, not patches: an image's candidates are the ViT patches (``post_layernorm`` output,
+    # what the Q-Former cross-attends to), and a subset of them is re-encoded by the Q-Former.
+
+    #: ``get_image_features`` runs the Q-Former, which reads the instruction text
+    image_feature_inputs = ("qformer_input_ids", "qformer_attention_mask")
+
+    @property
+    def outlier_vision_layer(self) -> int:
+        """One below the layer the Q-Former reads, ``layers[-2]``: DAMRO's reference code for
+        InstructBLIP hooks ``encoder.layers[-2]`` (the paper's "penultimate layer"), whereas the
+        Q-Former reads the last layer."""
+        return max(0, self.projector_vision_layer - 1)
+
+    def vision_query_key(self, module: Any, hidden: torch.Tensor,
+                         call_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP's fused ``qkv``: ``hidden`` [N, L, D] -> queries and keys ``[N, H, L, d]``."""
+        heads = int(module.num_heads)
+        n, length, _ = hidden.shape
+        qkv = module.qkv(hidden).reshape(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
+        return qkv[0], qkv[1]
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The ViT: its ``last_hidden_state`` ``[N, 1 + P, Dv]`` is what the Q-Former reads."""
+        return self.vision_tower
+
+    @property
+    def vision_subset_prefix(self) -> int:
+        """The [CLS] before the patches."""
+        return self.num_vision_prefix_tokens
+
+    def encode_vision_subset(self, batch: Batch, tokens: Any) -> list[torch.Tensor]:
+        """The Q-Former run over only the kept ViT tokens (``[k, Dv]`` per image), with the same
+        queries and the same instruction text, then the language projection: still
+        ``num_query_tokens`` tokens ``[Q, D]`` per image (DAMRO's negative image)."""
+        import torch
+
+        return list(self.query_features(batch, torch.stack(list(tokens))))  # N x [Q, D]
+
+    def query_features(self, batch: Batch, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """The language-model tokens ``[N, Q, D]`` of the images of ``batch`` (flat) when the
+        Q-Former cross-attends to ``vision_tokens`` ``[N, T, Dv]`` instead of the whole ViT output:
+        steps 2 and 3 of the model's ``get_image_features`` (queries plus the instruction text,
+        every vision token visible), without running the ViT again."""
+        import torch
+
+        device = vision_tokens.device
+        n = vision_tokens.shape[0]
+        qformer_ids = batch.inputs["qformer_input_ids"].to(device)  # [N, Lq]
+        if qformer_ids.shape[0] != n:
+            raise MethodError(f"instructblip: {n} images of vision tokens but {qformer_ids.shape[0]} Q-Former rows")
+        text_mask = batch.inputs.get("qformer_attention_mask")
+        if text_mask is None:
+            text_mask = torch.ones_like(qformer_ids)
+        query = self.query_tokens.expand(n, -1, -1)  # [N, Q, Dq]
+        query_mask = torch.ones(query.shape[:-1], dtype=torch.long, device=device)  # [N, Q]
+        out = self.qformer(
+            input_ids=qformer_ids,
+            attention_mask=torch.cat([query_mask, text_mask.to(device)], dim=1),  # [N, Q + Lq]
+            query_embeds=query,
+            encoder_hidden_states=vision_tokens,
+            encoder_attention_mask=torch.ones(vision_tokens.shape[:-1], dtype=torch.long, device=device),  # [N, T]
+            return_dict=True,
+        )
+        return self.projector(out.last_hidden_state[:, : query.shape[1]])  # [N, Q, D]
+
+    @property
+    def query_patch_blocks(self) -> int:
+        """The Q-Former's cross-attention blocks (:meth:`record_query_patch_attention`)."""
+        return len(self.qformer_cross_attention_layers)

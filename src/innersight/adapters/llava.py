@@ -36,6 +36,21 @@ class LlavaModules:
     def projector(self) -> Any:
         return self.model.model.multi_modal_projector
 
+    # ------------------------------------------------------------------ vision facet
+    # CLIP ViT: [CLS] + patches per image (LLaVA-NeXT: per tile), ``self_attn`` with q_proj /
+    # k_proj: the base class's defaults. The projector acts token by token, so an image's
+    # candidates are its projected patch tokens, gathered from the projector's output.
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The projector: its output ``[rows, prefix + P, D]`` holds every patch already projected."""
+        return self.projector
+
+    @property
+    def vision_subset_prefix(self) -> int:
+        """1 when the ``full`` feature strategy keeps the [CLS] before the patches, else 0."""
+        return 1 if getattr(self.config, "vision_feature_select_strategy", "default") == "full" else 0
+
 
 class LlavaAdapter(LlavaModules, Adapter):
     family = "llava"

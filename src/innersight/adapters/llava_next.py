@@ -213,3 +213,41 @@ class LlavaNextAdapter(LlavaModules, Adapter):
         out["image_grid_pinpoints"] = self.grid_pinpoints
         out["tile_size"] = self.tile_size
         return out
+
+    # ------------------------------------------------------------------ vision facet
+    # The vision tower runs every tile of every image (base view first); outliers are scored and
+    # taken on the base view only, and a negative image made of them ends with one newline token.
+
+    #: ``get_image_features`` needs each image's size to pack its tiles
+    image_feature_inputs = ("image_sizes",)
+
+    def tiles_per_image(self, batch: Batch) -> list[int]:
+        """Tiles (base view included) the vision tower runs for each image of ``batch``, flat,
+        as the model computes them (``image_size_to_num_patches``)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [int(image_size_to_num_patches(image_size=size, grid_pinpoints=self.grid_pinpoints,
+                                              patch_size=self.tile_size))
+                for size in batch.inputs["image_sizes"]]
+
+    def scored_vision_rows(self, batch: Batch, rows: int) -> Any:
+        """The base view of each image: the first of its tiles in the vision tower's batch."""
+        import torch
+
+        from ..errors import MethodError
+
+        tiles = self.tiles_per_image(batch)
+        if sum(tiles) != rows:
+            raise MethodError(f"{self.family}: the vision tower ran {rows} tiles but the batch's images have {sum(tiles)}")
+        return torch.tensor([0, *tiles[:-1]]).cumsum(0)  # [N_images]
+
+    def encode_vision_subset(self, batch: Batch, tokens: Any) -> list[Any]:
+        """The kept base-view tokens plus one ``image_newline`` token (``[k + 1, D]``), as a
+        packed LLaVA-NeXT image ends its rows."""
+        import torch
+
+        out = []
+        for chosen in tokens:  # [k, D]
+            newline = self.image_newline.to(device=chosen.device, dtype=chosen.dtype)[None]  # [1, D]
+            out.append(torch.cat([chosen, newline], dim=0))  # [k + 1, D]
+        return out

@@ -299,6 +299,115 @@ class Qwen2VLAdapter(Adapter):
         out.update(spatial_merge_size=self.spatial_merge_size, patch_size=self.patch_size)
         return out
 
+    # ------------------------------------------------------------------ vision facet
+    # The Qwen ViT has no [CLS] and runs every image of the batch as one flat sequence ``[L, D]``
+    # (images bounded by ``cu_seqlens``), with a fused ``qkv`` and 2D rotary embeddings. An image's
+    # candidates are its merged tokens (one per language-model token, row-major), read from the
+    # merger's output; per-patch scores are pooled into them through vision_patch_token_index.
+
+    #: the transformers module of this family's modeling code (its vision rotary embedding)
+    modeling_module: ClassVar[str] = "transformers.models.qwen2_vl.modeling_qwen2_vl"
+    #: ``get_image_features`` needs each image's patch grid
+    image_feature_inputs = ("image_grid_thw",)
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """No [CLS]: DAMRO's substitute (attention received per patch) ranks the tokens."""
+        return False
+
+    @property
+    def vision_full_attention_layers(self) -> tuple[int, ...]:
+        """Indices of the vision blocks that attend over whole images (Qwen2-VL: every block)."""
+        return tuple(range(len(self.vision_layers)))
+
+    @property
+    def outlier_vision_layer(self) -> int:
+        """The last full-attention block at or below :attr:`projector_vision_layer` (the merger
+        reads the last block; a windowed block does not see the whole image)."""
+        top = self.projector_vision_layer
+        eligible = [i for i in self.vision_full_attention_layers if i <= top]
+        return max(eligible) if eligible else top
+
+    def vision_attention(self, layer: int) -> Any:
+        """A Qwen vision block's attention is its ``attn``."""
+        from ..errors import MethodError
+
+        layers = self.vision_layers
+        if not 0 <= int(layer) < len(layers):
+            raise MethodError(f"{self.family}: vision layer {layer} outside 0..{len(layers) - 1}")
+        return layers[int(layer)].attn
+
+    def vision_query_key(self, module: Any, hidden: torch.Tensor,
+                         call_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused ``qkv`` over the flat sequence ``hidden`` [L, D], with the block's own rotary
+        embedding (``position_embeddings`` of the call) applied: ``[1, H, L, d]``."""
+        import importlib
+
+        from ..errors import MethodError
+
+        heads = int(module.num_heads)
+        length = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # [L, H, d]
+        rotary = call_kwargs.get("position_embeddings")
+        if rotary is None:
+            raise MethodError(f"{self.family}: {type(module).__name__} was called without position_embeddings")
+        apply = importlib.import_module(self.modeling_module).apply_rotary_pos_emb_vision
+        q, k = apply(q, k, rotary[0], rotary[1])  # [L, H, d]
+        return q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, H, L, d]
+
+    def vision_attention_per_image(self, batch: Batch, query: torch.Tensor, key: torch.Tensor,
+                                   call_kwargs: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each image's segment ``[H, P_i, d]`` of the flat sequence, bounded by the call's
+        ``cu_seqlens`` (a windowed block has more segments than images and is refused)."""
+        from ..errors import MethodError
+
+        cu = call_kwargs.get("cu_seqlens")
+        if cu is None:
+            raise MethodError(f"{self.family}: the vision block was called without cu_seqlens")
+        bounds = [int(x) for x in cu.tolist()]
+        images = sum(len(sizes) for sizes in batch.image_sizes)
+        if len(bounds) - 1 != images:
+            raise MethodError(f"{self.family}: this vision block attends within {len(bounds) - 1} segments but the "
+                              f"batch has {images} images (choose a full-attention vision block)")
+        q, k = query[0], key[0]  # [H, L, d]
+        return [(q[:, s:e], k[:, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+
+    def pool_vision_scores(self, batch: Batch, image_index: int, scores: torch.Tensor) -> torch.Tensor:
+        """The mean score of the patches merged into each language-model token: ``[P]`` in tower
+        order -> ``[M]`` row-major (:meth:`vision_patch_token_index`)."""
+        import torch
+
+        tokens = self.vision_patch_token_index(batch, image_index).to(scores.device)  # [P]
+        merged = int(tokens.max()) + 1
+        sums = torch.zeros(merged, device=scores.device).index_add_(0, tokens, scores)  # [M]
+        count = torch.zeros(merged, device=scores.device).index_add_(0, tokens, torch.ones_like(scores))  # [M]
+        return sums / count
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The vision tower: its ``pooler_output`` ``[M_total, D]`` holds the merged tokens of
+        every image, row-major per image."""
+        return self.vision_tower
+
+    def vision_candidates(self, batch: Batch, output: Any, *, with_prefix: bool = False) -> list[torch.Tensor]:
+        """Each image's merged tokens ``[M_i, D]`` from the merger's ``pooler_output`` (no prefix)."""
+        from ..errors import MethodError
+
+        merged = output.pooler_output  # [M_total, D]
+        out, start = [], 0
+        for image in range(sum(len(sizes) for sizes in batch.image_sizes)):
+            count = self.num_image_tokens(batch, image, (0, 0))
+            out.append(merged[start:start + count])  # [M_i, D]
+            start += count
+        if start != merged.shape[0]:
+            raise MethodError(f"{self.family}: {merged.shape[0]} merged vision tokens but the images have {start}")
+        return out
+
+    def vision_input_index(self, batch: Batch, image_index: int) -> slice:
+        """The image's rows of the flat patch rows ``[P_total, C * T * ps * ps]`` (:meth:`vision_patch_range`)."""
+        start, stop = self.vision_patch_range(batch, image_index)
+        return slice(start, stop)
+
 
 class Qwen25VLAdapter(Qwen2VLAdapter):
     """Adapter of Qwen2.5-VL checkpoints (``Qwen/Qwen2.5-VL-*``): same token layout as Qwen2-VL;
@@ -307,6 +416,7 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5_vl"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     processor_class_name: ClassVar[str] = "Qwen2_5_VLProcessor"
+    modeling_module: ClassVar[str] = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"
 
     def _tower_block_order(self, t: int, rows: int, cols: int) -> torch.Tensor:
         """Qwen2.5-VL regroups merge blocks into square attention windows of
@@ -326,3 +436,10 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
                         for c in range(c0, min(c0 + side, cols)):
                             order.append(frame * rows * cols + r * cols + c)
         return torch.tensor(order, dtype=torch.long)
+
+    # ------------------------------------------------------------------ vision facet
+    @property
+    def vision_full_attention_layers(self) -> tuple[int, ...]:
+        """The blocks of ``vision_config.fullatt_block_indexes``; the others attend within windows."""
+        full = getattr(self.config.vision_config, "fullatt_block_indexes", None)
+        return tuple(int(i) for i in full) if full else super().vision_full_attention_layers

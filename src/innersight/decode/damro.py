@@ -9,8 +9,8 @@ that sees **only** those outlier tokens and contrasts it away:
 1. Outlier selection (Sec. 3.3, Eq. 3-4): ``A_cls = softmax(Q_cls K^T / sqrt(d))`` over the
    vision tokens at the layer whose output the projector consumes (the paper's "penultimate
    layer" for LLaVA-1.5: ``layers[22]`` of CLIP ViT-L's 24; the adapter fact
-   :attr:`~innersight.adapters.base.Adapter.projector_vision_layer`, see
-   :func:`default_vision_layer`), computed here from that layer's self-attention *input* (the
+   :attr:`~innersight.adapters.base.Adapter.outlier_vision_layer`), computed here from that
+   layer's self-attention *input* (the
    queries and keys it projects; a forward pre-hook on the attention module during the main
    prefill: one ``[CLS]`` query row, the vision tower keeps its own attention implementation;
    nothing is encoded twice). The top-``k`` patches, in descending score order, are the outliers.
@@ -28,6 +28,9 @@ that sees **only** those outlier tokens and contrasts it away:
    projected by the model's own projector (gathered from the projector output: LLaVA's projector
    acts token by token), the other image tokens removed (positions renumbered contiguously); its
    own KV cache (:class:`~.contrast.NegativeBranch`, batched with the main branch by default).
+   The per-family facts below are the adapters' vision facet (``adapters/base.py``: the scored
+   view, [CLS] or its substitute, the candidates, how a subset of them is re-encoded); this module
+   holds no family decision.
 
    - LLaVA-1.5: ``k`` projected patch tokens.
    - LLaVA-NeXT: the base (global) view's top-``k`` tokens plus one ``image_newline`` token.
@@ -39,10 +42,10 @@ that sees **only** those outlier tokens and contrasts it away:
    - Qwen2-VL / Qwen2.5-VL (**an extension beyond the paper**: the Qwen ViT has no [CLS]): the
      score of a patch is the mean attention it *receives* from all patches of its image at the
      last full-attention vision block (per-head softmax averaged over heads, or one head over the
-     full ``q``/``k``), averaged over the 2x2 patches of each merged token (via
-     :meth:`~innersight.adapters.qwen2_vl.Qwen2VLAdapter.vision_patch_token_index`, so Qwen2.5-VL's
-     window order is handled); the ``k`` merged tokens with the highest scores form the negative
-     image, placed on a ``1 x k`` M-RoPE grid by the model's own ``get_rope_index``.
+     full ``q``/``k``), averaged over the 2x2 patches of each merged token (the adapter's
+     ``pool_vision_scores``, so Qwen2.5-VL's window order is handled); the ``k`` merged tokens with
+     the highest scores form the negative image, placed on a ``1 x k`` grid (M-RoPE positions from
+     ``adapter.prompt_positions``). Any family without a [CLS] gets the same substitute.
 3. Each step: ``cutoff = max(l) + log(beta)`` on the original logits,
    ``l' = (1 + alpha) l - alpha l_neg``, ``l < cutoff -> -inf`` (:func:`~.contrast.contrast`).
 
@@ -56,8 +59,8 @@ afterwards); the method asks the plan for these ``generate`` settings
 
 from __future__ import annotations
 
-import importlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -83,6 +86,13 @@ REDUCTIONS = ("sum_logits", "mean_heads")
 PRESETS = ("default", "official")
 TASKS = ("pope", "chair")
 
+# Per-family data of the paper and its reference code. They stay here, looked up by family name
+# with a documented fallback, rather than in the adapters: they are DAMRO's published settings and
+# the behaviour of DAMRO's reference code for the models it evaluated, not facts of an
+# architecture; a family the paper did not evaluate gets the fallback (LLaVA-1.5's values, the
+# correct indexing), never another family's path. What the method needs of the architecture
+# itself (layers, [CLS] or its substitute, candidates, re-encoding) comes from the adapter.
+
 #: (alpha, k) per family and task; specs/damro.md Defaults table (arXiv 2410.04514, Sec. 4 / App.)
 PAPER_DEFAULTS: dict[str, dict[str, tuple[float, int]]] = {
     "llava": {"pope": (2.0, 10), "chair": (2.0, 10)},
@@ -94,6 +104,9 @@ FALLBACK_DEFAULTS: tuple[float, int] = (2.0, 10)
 #: head reduction of the reference code per family (LLaVA: one head over full q/k; InstructBLIP:
 #: mean of per-head softmaxes); the Qwen extension averages per-head softmaxes
 DEFAULT_REDUCTION: dict[str, str] = {"llava": "sum_logits", "llava_next": "sum_logits"}
+#: families whose reference code indexes the candidates from the sequence start ([CLS] included:
+#: an off-by-one reproduced by the ``official`` preset only); any other family: correct indexing
+REFERENCE_INDEXES_WITH_PREFIX: dict[str, bool] = {"instructblip": True}
 
 #: generate settings of the ``official`` preset: pure multinomial sampling at temperature 1, no
 #: processor or warper (transformers 5.23 ``_get_logits_processor`` adds none with these values)
@@ -120,10 +133,10 @@ class DAMROConfig:
     #: "sum_logits" (one head over the full q/k; LLaVA reference) or "mean_heads" (per-head
     #: softmax averaged; InstructBLIP reference); None: the family's reference (Qwen: mean_heads)
     head_reduction: str | None = field(default=None, metadata={"source": CODE})
-    #: index of the vision encoder layer whose self-attention is read; None: the layer whose output
-    #: the projector consumes (adapter.projector_vision_layer; LLaVA-1.5's vision_feature_layer=-2
-    #: on CLIP ViT-L is layers[22] of 24), InstructBLIP one below it (layers[-2], reference code),
-    #: Qwen the last full-attention block (see default_vision_layer)
+    #: index of the vision encoder layer whose self-attention is read; None: the adapter's
+    #: outlier_vision_layer, the layer whose output the projector consumes (LLaVA-1.5's
+    #: vision_feature_layer=-2 on CLIP ViT-L is layers[22] of 24), InstructBLIP one below it
+    #: (layers[-2], reference code), Qwen the last full-attention block
     vision_layer: int | None = field(default=None, metadata={
         "source": SOURCE + " Sec. 3.3 (penultimate layer, the one the projector reads); " + CODE
                   + " llava-hf path: encoder.layers[vision_feature_layer]"})
@@ -223,88 +236,40 @@ def top_outliers(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, largest=True, sorted=True).indices
 
 
-# ---------------------------------------------------------------------- vision-tower access
-def vision_encoder_layers(adapter: Any) -> Any:
-    """The vision encoder's layer list (the adapter's :attr:`~innersight.adapters.base.Adapter.vision_layers`)."""
-    return adapter.vision_layers
+# ---------------------------------------------------------------------- per-image scores
+def image_scores(adapter: Any, batch: Any, views: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 reduction: str) -> list[torch.Tensor]:
+    """Each image's outlier score per candidate, ``[M_i]`` float32, from the queries and keys
+    ``[H, L_i, d]`` of its scored view (:meth:`~innersight.adapters.base.Adapter.vision_attention_per_image`).
 
-
-def attention_module(layer: Any) -> Any:
-    """A vision layer's self-attention module (``self_attn`` or Qwen's ``attn``)."""
-    module = getattr(layer, "self_attn", None)
-    if module is None:
-        module = getattr(layer, "attn", None)
-    if module is None:
-        raise MethodError(f"cannot find the self-attention module of {type(layer).__name__}")
-    return module
-
-
-def default_vision_layer(adapter: Any) -> int:
-    """The vision layer whose self-attention DAMRO reads by default (:attr:`DAMROConfig.vision_layer`).
-
-    The paper (Sec. 3.3) scores the outliers at the layer whose output the projector consumes,
-    an adapter fact (:attr:`~innersight.adapters.base.Adapter.projector_vision_layer`):
-
-    - LLaVA-1.5 / LLaVA-NeXT: that layer itself (``vision_feature_layer = -2`` on CLIP ViT-L:
-      ``layers[22]`` of 24, whose output is ``hidden_states[-2]``; the reference's llava-hf path
-      hooks ``encoder.layers[vision_feature_layer]``, the same layer);
-    - InstructBLIP: one below it, ``layers[-2]`` (the Q-Former reads the last layer; the reference
-      code and the paper's "penultimate layer" read ``encoder.layers[-2]``);
-    - Qwen2-VL / Qwen2.5-VL (extension): the last full-attention block at or below it (the merger
-      reads the last block; windowed blocks do not see the whole image).
+    With a [CLS] (:attr:`~innersight.adapters.base.Adapter.vision_has_cls`): its attention row
+    over the view (:func:`cls_attention`, [CLS] column dropped). Without one (**an extension beyond
+    the paper**): the mean attention each token receives from the view (:func:`received_attention`).
+    The adapter then pools per-token scores into candidates
+    (:meth:`~innersight.adapters.base.Adapter.pool_vision_scores`; Qwen: per merged 2x2 token).
     """
-    top = int(adapter.projector_vision_layer)
-    family = adapter.family
-    if family == "instructblip":
-        return max(0, top - 1)
-    if family.startswith("qwen"):
-        full = getattr(adapter.config.vision_config, "fullatt_block_indexes", None)
-        eligible = [int(i) for i in full or () if int(i) <= top]
-        return max(eligible) if eligible else top
-    return top
-
-
-def vision_qk(module: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected queries and keys of a vision attention module for its input ``hidden``.
-
-    CLIP (``q_proj`` / ``k_proj``) and BLIP (fused ``qkv``): ``hidden`` [N, L, D] -> ``[N, H, L, d]``.
-    Qwen (fused ``qkv``, rotary): ``hidden`` [L, D] -> ``[1, H, L, d]`` with the module's own
-    rotary embedding applied (``position_embeddings`` from the call).
-    """
-    heads = int(module.num_heads)
-    if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-        n, length, _ = hidden.shape
-        q = module.q_proj(hidden).view(n, length, heads, -1).transpose(1, 2)  # [N, H, L, d]
-        k = module.k_proj(hidden).view(n, length, heads, -1).transpose(1, 2)
-        return q, k
-    if not hasattr(module, "qkv"):
-        raise MethodError(f"cannot read queries and keys of {type(module).__name__}")
-    if hidden.dim() == 3:  # BLIP: [N, L, D]
-        n, length, _ = hidden.shape
-        qkv = module.qkv(hidden).reshape(n, length, 3, heads, -1).permute(2, 0, 3, 1, 4)  # [3, N, H, L, d]
-        return qkv[0], qkv[1]
-    length = hidden.shape[0]  # Qwen: [L, D]
-    q, k, _ = module.qkv(hidden).reshape(length, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)  # [L, H, d]
-    rotary = kwargs.get("position_embeddings")
-    if rotary is None:
-        raise MethodError(f"{type(module).__name__} was called without position_embeddings")
-    apply = getattr(importlib.import_module(type(module).__module__), "apply_rotary_pos_emb_vision", None)
-    if apply is None:
-        raise MethodError(f"cannot apply the rotary embedding of {type(module).__name__}")
-    q, k = apply(q, k, rotary[0], rotary[1])
-    return q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, H, L, d]
+    if adapter.vision_has_cls:
+        if len({tuple(q.shape) for q, _ in views}) == 1:  # one batched product when the views agree
+            cls = cls_attention(torch.stack([q for q, _ in views]), torch.stack([k for _, k in views]), reduction)
+            per_token = list(cls[:, 1:])  # N x [P]
+        else:
+            per_token = [cls_attention(q[None], k[None], reduction)[0, 1:] for q, k in views]
+    else:
+        per_token = [received_attention(q, k, reduction) for q, k in views]  # N x [P_i]
+    return [adapter.pool_vision_scores(batch, i, scores) for i, scores in enumerate(per_token)]
 
 
 # ---------------------------------------------------------------------- capture
 class OutlierCapture:
-    """During the main prefill: each image's outlier scores (attention pre-hook on the chosen
-    vision layer) and its ``k`` outlier tokens (from the projector / vision-tower output); then
-    :meth:`negative_inputs` builds the negative prompt. A context manager; hooks removed on exit.
+    """During the main prefill: each image's outlier scores (a pre-hook on the chosen vision
+    layer's attention) and its ``k`` outlier tokens (a hook on the module whose output holds the
+    candidates); then :meth:`negative_inputs` builds the negative prompt. A context manager; hooks
+    removed on exit. Every family fact comes from the adapter's vision facet.
 
-    After the prefill: ``scores[i]`` [P] (image ``i`` flat over the batch, its candidate tokens:
+    After the prefill: ``scores[i]`` [M_i] (image ``i`` flat over the batch, per candidate:
     patches, base-view patches for LLaVA-NeXT, merged tokens for Qwen), ``selected[i]`` [k]
-    (indices into those candidates, descending score), ``features[i]`` [n_i, D] (the tokens that
-    stand for the image in the negative prompt).
+    (indices into the candidates, descending score), ``tokens[i]`` [k, Dc] (the selected
+    candidates as the model encoded them; :meth:`negative_inputs` re-encodes them).
     """
 
     def __init__(self, mllm: Any, batch: Any, *, k: int, reduction: str, layer: int | None = None,
@@ -314,33 +279,26 @@ class OutlierCapture:
         self.family = self.adapter.family
         self.k = int(k)
         self.reduction = reduction
-        layers = vision_encoder_layers(self.adapter)
-        self.layer = default_vision_layer(self.adapter) if layer is None else int(layer)
+        layers = self.adapter.vision_layers
+        self.layer = self.adapter.outlier_vision_layer if layer is None else int(layer)
         if not 0 <= self.layer < len(layers):
             raise MethodError(f"damro vision_layer {self.layer} outside 0..{len(layers) - 1}")
-        self.shift = bool(shift) and self.family == "instructblip"
+        self.shift = bool(shift) and REFERENCE_INDEXES_WITH_PREFIX.get(self.family, False)
         self.num_images = sum(len(sizes) for sizes in batch.image_sizes)
         self.scores: list[torch.Tensor] = []
         self.selected: list[torch.Tensor] = []
-        self.features: list[torch.Tensor] = []
-        self._vit_tokens: torch.Tensor | None = None  # InstructBLIP: [N, k, Dv]
+        self.tokens: list[torch.Tensor] = []
         self._handles = HookHandles()
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> OutlierCapture:
         if self._handles:
             raise RuntimeError("this capture is already active; build one per generate call")
-        attn = attention_module(vision_encoder_layers(self.adapter)[self.layer])
+        attn = self.adapter.vision_attention(self.layer)
+        source = self.adapter.vision_subset_source
         with self._handles.installing():
             self._handles.add(attn.register_forward_pre_hook(self._score_hook, with_kwargs=True))
-            if self.family in ("llava", "llava_next"):
-                self._handles.add(self.adapter.projector.register_forward_hook(self._projector_hook))
-            elif self.family == "instructblip":
-                self._handles.add(self.adapter.vision_tower.register_forward_hook(self._vit_hook))
-            elif self.family.startswith("qwen"):
-                self._handles.add(self.adapter.vision_tower.register_forward_hook(self._merger_hook))
-            else:
-                raise MethodError(f"damro does not know the {self.family} family")
+            self._handles.add(source.register_forward_hook(self._source_hook))
         return self
 
     def __exit__(
@@ -353,134 +311,42 @@ class OutlierCapture:
 
     # ------------------------------------------------------------------ hooks
     def _score_hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """The vision layer's attention input: score every image's candidates, pick the top ``k``."""
         hidden = args[0] if args else kwargs["hidden_states"]
         with torch.no_grad():
-            q, k = vision_qk(module, hidden, kwargs)
-            if self.family.startswith("qwen"):
-                self.scores = self._merged_scores(q[0], k[0], kwargs)
-            else:
-                rows = self._candidate_rows(int(q.shape[0]))
-                cls = cls_attention(q[rows], k[rows], self.reduction)  # [N, 1 + P]
-                self.scores = list(cls[:, 1:])
+            q, k = self.adapter.vision_query_key(module, hidden, kwargs)  # [N, H, L, d]
+            views = self.adapter.vision_attention_per_image(self.batch, q, k, kwargs)
+            if len(views) != self.num_images:
+                raise MethodError(f"damro: vision layer {self.layer} scored {len(views)} images but the batch has "
+                                  f"{self.num_images}")
+            self.scores = image_scores(self.adapter, self.batch, views, self.reduction)
             self.selected = [top_outliers(s[None], self.k)[0] for s in self.scores]
 
-    def _candidate_rows(self, rows: int) -> torch.Tensor:
-        """Rows of the vision batch that are images' candidate views (LLaVA-NeXT: the base view,
-        the first tile of each image; otherwise every row is one image)."""
-        if self.family != "llava_next":
-            if rows != self.num_images:
-                raise MethodError(f"damro: the vision tower ran {rows} images but the batch has {self.num_images}")
-            return torch.arange(rows)
-        tiles = self._tiles_per_image()
-        if sum(tiles) != rows:
-            raise MethodError(f"damro: the vision tower ran {rows} tiles but the batch's images have {sum(tiles)}")
-        starts = torch.tensor([0, *tiles[:-1]]).cumsum(0)
-        return starts
-
-    def _tiles_per_image(self) -> list[int]:
-        """LLaVA-NeXT: tiles (base view included) of every image, as the model computes them."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        config = self.adapter.config
-        sizes = self.batch.inputs["image_sizes"]
-        return [int(image_size_to_num_patches(image_size=size, grid_pinpoints=config.image_grid_pinpoints,
-                                              patch_size=config.vision_config.image_size)) for size in sizes]
-
-    def _merged_scores(self, q: torch.Tensor, k: torch.Tensor, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        """Qwen: per image, mean attention received per patch pooled (mean) per merged token."""
-        cu = kwargs.get("cu_seqlens")
-        if cu is None:
-            raise MethodError("damro: the Qwen vision block was called without cu_seqlens")
-        bounds = [int(x) for x in cu.tolist()]
-        if len(bounds) - 1 != self.num_images:
-            raise MethodError(f"damro: vision layer {self.layer} attends within {len(bounds) - 1} segments but the "
-                              f"batch has {self.num_images} images (choose a full-attention vision block)")
-        out = []
-        for i in range(self.num_images):
-            s, e = bounds[i], bounds[i + 1]
-            received = received_attention(q[:, s:e], k[:, s:e], self.reduction)  # [P_i]
-            tokens = self.adapter.vision_patch_token_index(self.batch, i).to(received.device)  # [P_i]
-            merged = int(tokens.max()) + 1
-            sums = torch.zeros(merged, device=received.device).index_add_(0, tokens, received)
-            count = torch.zeros(merged, device=received.device).index_add_(0, tokens, torch.ones_like(received))
-            out.append(sums / count)  # [M_i]
-        return out
-
-    def _projector_hook(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        """LLaVA / LLaVA-NeXT: gather the outliers from the projector output [rows, P', D]."""
+    def _source_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
+        """The candidates' module output: keep each image's ``k`` selected candidates."""
         if not self.selected:
-            raise MethodError("damro: the projector ran before the vision layer's attention was read")
-        rows = self._candidate_rows(int(output.shape[0]))
-        extra = int(output.shape[1]) - int(self.scores[0].numel())  # a kept [CLS] precedes the patches
-        feats = []
-        for image, row in enumerate(rows.tolist()):
-            chosen = output[row, self.selected[image].to(output.device) + extra]  # [k, D]
-            if self.family == "llava_next":
-                newline = self.adapter.image_newline.to(device=chosen.device, dtype=chosen.dtype)[None]  # [1, D]
-                chosen = torch.cat([chosen, newline], dim=0)  # [k + 1, D]
-            feats.append(chosen.detach())
-        self.features = feats
-
-    def _vit_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
-        """InstructBLIP: keep the ``k`` outlier tokens of ``post_layernorm(last hidden state)``."""
-        if not self.selected:
-            raise MethodError("damro: the vision tower finished before the vision layer's attention was read")
-        tokens = output.last_hidden_state  # [N, 1 + P, Dv]
-        offset = 0 if self.shift else 1  # the reference's off-by-one indexes tokens that include [CLS]
-        index = torch.stack(self.selected).to(tokens.device) + offset  # [N, k]
-        self._vit_tokens = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])).detach()
-
-    def _merger_hook(self, module: Any, args: tuple[Any, ...], output: Any) -> None:
-        """Qwen: gather the outliers from the merged tokens (``pooler_output``, row-major per image)."""
-        if not self.selected:
-            raise MethodError("damro: the vision tower finished before the vision layer's attention was read")
-        merged = output.pooler_output  # [M_total, D]
-        feats, start = [], 0
-        for image in range(self.num_images):
-            count = int(self.scores[image].numel())
-            feats.append(merged[start:start + count][self.selected[image].to(merged.device)].detach())  # [k, D]
-            start += count
-        if start != merged.shape[0]:
-            raise MethodError(f"damro: {merged.shape[0]} merged vision tokens but the images have {start}")
-        self.features = feats
+            raise MethodError("damro: the image tokens were encoded before the vision layer's attention was read")
+        with torch.no_grad():
+            candidates = self.adapter.vision_candidates(self.batch, output, with_prefix=self.shift)
+        if len(candidates) != self.num_images:
+            raise MethodError(f"damro: {len(candidates)} images of candidate tokens but the batch has {self.num_images}")
+        # official shift: indices count from the sequence start ([CLS] at 0), as the reference did
+        self.tokens = [c[sel.to(c.device)].detach() for c, sel in zip(candidates, self.selected)]  # N x [k, Dc]
 
     # ------------------------------------------------------------------ the negative prompt
-    def _qformer_features(self) -> list[torch.Tensor]:
-        """InstructBLIP: the Q-Former over the ``k`` ViT tokens (same queries, same instruction),
-        then the language projection: ``num_query_tokens`` tokens per image."""
-        if self._vit_tokens is None:
-            raise MethodError("damro: no ViT tokens were captured (the main prefill did not run the vision tower)")
-        model = self.adapter.model
-        tokens = self._vit_tokens  # [N, k, Dv]
-        n = tokens.shape[0]
-        qformer_ids = self.batch.inputs["qformer_input_ids"].to(tokens.device)  # [N, Lq]
-        qformer_mask = self.batch.inputs.get("qformer_attention_mask")
-        if qformer_mask is None:
-            qformer_mask = torch.ones_like(qformer_ids)
-        query = model.query_tokens.expand(n, -1, -1)  # [N, Q, Dq]
-        query_mask = torch.ones(query.shape[:-1], dtype=torch.long, device=tokens.device)  # [N, Q]
-        out = model.qformer(
-            input_ids=qformer_ids,
-            attention_mask=torch.cat([query_mask, qformer_mask.to(tokens.device)], dim=1),
-            query_embeds=query,
-            encoder_hidden_states=tokens,
-            encoder_attention_mask=torch.ones(tokens.shape[:-1], dtype=torch.long, device=tokens.device),
-            return_dict=True,
-        )
-        feats = model.language_projection(out.last_hidden_state[:, : query.shape[1]])  # [N, Q, D]
-        return list(feats)
-
     def negative_inputs(self) -> NegativeInputs:
-        """The negative prompt: every image represented by its outlier tokens only."""
-        with torch.no_grad():
-            feats = self._qformer_features() if self.family == "instructblip" else self.features
-        if len(feats) != self.num_images:
+        """The negative prompt: every image represented by its outlier tokens only, re-encoded by
+        the adapter (:meth:`~innersight.adapters.base.Adapter.encode_vision_subset`; InstructBLIP:
+        the Q-Former over the ``k`` ViT tokens) and placed on a ``1 x n`` grid where the family's
+        positions need one (Qwen's M-RoPE; ignored by 1D positions)."""
+        if len(self.tokens) != self.num_images:
             raise MethodError("damro: the outlier tokens were not captured during the main prefill "
                               "(was the vision tower run inside the processor's context?)")
+        with torch.no_grad():
+            feats = self.adapter.encode_vision_subset(self.batch, self.tokens)
         per_sample = features_per_sample(self.batch, feats)
         grids = [[(1, int(f.shape[0])) for f in row] for row in per_sample]
-        return splice_images(self.adapter, self.batch, per_sample,
-                             grid_shapes=grids if self.family.startswith("qwen") else None)
+        return splice_images(self.adapter, self.batch, per_sample, grid_shapes=grids)
 
 
 # ---------------------------------------------------------------------- the method

@@ -87,43 +87,23 @@ def diffusion_noise(pixels: torch.Tensor, step: int, seed: int) -> torch.Tensor:
 
 def noised_pixel_values(adapter: Any, batch: Any, step: int, seed: int) -> torch.Tensor:
     """``batch``'s ``pixel_values`` with every image noised independently of the others (each
-    image's noise from a generator seeded ``seed``)."""
+    image's noise from a generator seeded ``seed``); where each image's pixels lie is the
+    adapter's fact (:meth:`~innersight.adapters.base.Adapter.vision_input_index`: a leading row
+    ``[N, 3, S, S]`` / ``[N, tiles, 3, S, S]``, or Qwen's flat patch rows)."""
     pixels = batch.inputs["pixel_values"]
     out = pixels.clone()
     num_images = sum(len(sizes) for sizes in batch.image_sizes)
-    if adapter.family.startswith("qwen"):  # flat patch rows of all images: [P_total, C * T * ps * ps]
-        for i in range(num_images):
-            start, stop = adapter.vision_patch_range(batch, i)
-            out[start:stop] = diffusion_noise(pixels[start:stop], step, seed)
-        return out
-    if pixels.shape[0] != num_images:
-        raise MethodError(f"vcd: pixel_values hold {pixels.shape[0]} images but the batch has {num_images}")
-    for i in range(num_images):  # [N, 3, S, S] or LLaVA-NeXT [N, tiles, 3, S, S]
-        out[i] = diffusion_noise(pixels[i], step, seed)
+    for i in range(num_images):
+        where = adapter.vision_input_index(batch, i)
+        out[where] = diffusion_noise(pixels[where], step, seed)
     return out
 
 
 def image_features(mllm: Any, batch: Any, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """The language-model tokens of every image (flat over the batch) for ``pixel_values``, through
-    the model's own vision path (``get_image_features``): one [n_i, D] tensor per image."""
-    adapter, inputs = mllm.adapter, batch.inputs
-    family = adapter.family
-    if family == "instructblip":
-        out = adapter.model.get_image_features(
-            pixel_values, qformer_input_ids=inputs["qformer_input_ids"],
-            qformer_attention_mask=inputs.get("qformer_attention_mask"), return_dict=True,
-        )
-        return list(out.pooler_output)  # [N, Q, D] -> N x [Q, D]
-    inner = adapter.model.model
-    if family == "llava":
-        out = inner.get_image_features(pixel_values=pixel_values, return_dict=True)
-    elif family == "llava_next":
-        out = inner.get_image_features(pixel_values=pixel_values, image_sizes=inputs["image_sizes"], return_dict=True)
-    elif family.startswith("qwen"):
-        out = inner.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)
-    else:
-        raise MethodError(f"vcd does not know the {family} family")
-    return [f.reshape(-1, f.shape[-1]) for f in out.pooler_output]
+    the model's own vision path (the adapter's
+    :meth:`~innersight.adapters.base.Adapter.image_features`): one [n_i, D] tensor per image."""
+    return mllm.adapter.image_features(batch, pixel_values)
 
 
 def negative_inputs(mllm: Any, batch: Any, config: VCDConfig) -> NegativeInputs:

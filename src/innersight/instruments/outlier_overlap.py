@@ -34,7 +34,8 @@ Measurements, read during the model's own greedy ``generate`` (no extra forward)
   over the answer's tokens. The paper does not say which decoder layers its maps use (neither the
   spec nor the paper's text names any), so the default is the mean over all layers (``layers``
   option to choose).
-* Mapping decoder image tokens to ViT tokens, per family:
+* Mapping decoder image tokens to ViT tokens, per family (every fact from the adapter's vision
+  facet: the first view's ``token_index``, or ``query_patch_blocks`` where the decoder sees queries):
 
   - LLaVA-1.5: one LM token per patch (the adapter's ``token_index``);
   - LLaVA-NeXT: the base (global) view's tokens only, since the [CLS] ranking covers the base view
@@ -64,7 +65,7 @@ from typing import Any
 import torch
 
 from ..attention import layer_handlers, row_probabilities, sdpa_forward
-from ..decode.damro import DAMROConfig, OutlierCapture, default_vision_layer, top_outliers
+from ..decode.damro import DAMROConfig, OutlierCapture, top_outliers
 from ..errors import MethodError, UserInputError
 from . import Instrument, Option, register
 from .common import (
@@ -186,12 +187,14 @@ class AnswerAttention:
 
 @contextlib.contextmanager
 def query_patch_maps(adapter: Any) -> Iterator[list[list[torch.Tensor]]]:
-    """InstructBLIP: record every Q-Former cross-attention block's query -> ViT patch attention
-    (:meth:`~innersight.adapters.instructblip.InstructBlipAdapter.record_query_patch_attention`)
-    inside the block; yields one list of records per block."""
+    """For families whose language-model image tokens are queries, not grid cells: record every
+    block that maps them onto the vision patches (the adapter's
+    :attr:`~innersight.adapters.base.Adapter.query_patch_blocks`; InstructBLIP: each Q-Former
+    cross-attention, ``record_query_patch_attention``) inside the block; yields one list of
+    records per block."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(adapter.record_query_patch_attention(block))
-               for block in range(len(adapter.qformer_cross_attention_layers))]
+               for block in range(adapter.query_patch_blocks)]
 
 
 def query_to_patch(records: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -205,37 +208,57 @@ def query_to_patch(records: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
 
 def patch_attention(adapter: Any, layout: Any, row: torch.Tensor, qmap: torch.Tensor | None) -> torch.Tensor:
     """The decoder's attention ``row`` [L0] on one image as attention per ranked vision token [P]
-    (see the module docstring for the mapping of each family)."""
+    (see the module docstring for the mapping of each family): through the query -> patch map
+    ``qmap`` [Q, P] where the family's LM image tokens are queries (recorded when the adapter has
+    ``query_patch_blocks``), else the first view's tokens in grid order (its ``token_index``)."""
     att = row[layout.positions.to(row.device)]  # [T_img]
-    if adapter.family == "instructblip":
-        if qmap is None:
-            raise MethodError("outlier-overlap: InstructBLIP needs the Q-Former cross-attention map")
+    if qmap is not None:
         return att @ qmap.to(att.device)  # [Q] @ [Q, P] -> [P]
-    index = torch.tensor(layout.views[0].token_index, dtype=torch.long, device=att.device).flatten()  # [P]
+    token_index = layout.views[0].token_index
+    if token_index is None:
+        raise MethodError(f"outlier-overlap: the {adapter.family} image tokens are not grid cells and no "
+                          f"query -> patch map was recorded")
+    index = torch.tensor(token_index, dtype=torch.long, device=att.device).flatten()  # [P]
     return att[index]
 
 
-def vision_ranking(adapter: Any, reduction: str) -> str:
-    """One line saying how the vision tokens were ranked for this family."""
-    layer = default_vision_layer(adapter)
-    if adapter.family.startswith("qwen"):
-        return (f"no [CLS] in the Qwen ViT: DAMRO's substitute, mean attention received per patch at vision block "
-                f"{layer} ({reduction}), pooled per merged 2x2 token (an extension beyond the paper)")
-    view = " (base view)" if adapter.family == "llava_next" else ""
-    where = "one below the layer the Q-Former reads" if adapter.family == "instructblip" else "the layer the projector reads"
+def _layer_relation(adapter: Any, layer: int) -> str:
+    """Where vision layer ``layer`` sits relative to the layer the projector reads."""
+    below = int(adapter.projector_vision_layer) - int(layer)
+    if below == 0:
+        return "the layer the projector reads"
+    if below > 0:
+        return f"{below} below the layer the projector reads"
+    return f"{-below} above the layer the projector reads"
+
+
+def vision_ranking(adapter: Any, reduction: str, layout: Any = None) -> str:
+    """One line saying how the vision tokens were ranked for this family (``layout``: an image's
+    :class:`~innersight.adapters.base.ImageLayout`, naming the view that is ranked)."""
+    layer = int(adapter.outlier_vision_layer)
+    where = _layer_relation(adapter, layer)
+    if not adapter.vision_has_cls:
+        return (f"no [CLS] in this vision encoder: DAMRO's substitute, mean attention received per patch at vision "
+                f"block {layer} ({where}, {reduction}), pooled per language-model image token (an extension "
+                f"beyond the paper)")
+    views = getattr(layout, "views", ()) or ()
+    view = f" ({views[0].name} view)" if len(views) > 1 else ""
     return f"[CLS] attention over the patches{view} at vision layer {layer}, {where} ({reduction})"
 
 
-def decoder_tokens(adapter: Any) -> str:
-    """One line saying which decoder image tokens ``n`` counts for this family."""
-    if adapter.family == "instructblip":
-        return ("the Q-Former query tokens, mapped to ViT patches through the Q-Former cross-attention "
-                "(mean over heads and blocks): ATT(patch j) = sum_q ATT(q) C[q, j] (an extension beyond the paper)")
-    if adapter.family == "llava_next":
-        return "the base view's tokens (the high-resolution tiles and newline tokens are left out)"
-    if adapter.family.startswith("qwen"):
-        return "the merged image tokens"
-    return "the image's patch tokens"
+def decoder_tokens(adapter: Any, layout: Any = None) -> str:
+    """One line saying which decoder image tokens ``n`` counts for this family (``layout``: an
+    image's :class:`~innersight.adapters.base.ImageLayout`)."""
+    if adapter.query_patch_blocks:
+        return ("the query tokens the language model sees, mapped to ViT patches through the cross-attention "
+                "that reads the patches (mean over heads and blocks): ATT(patch j) = sum_q ATT(q) C[q, j] "
+                "(an extension beyond the paper)")
+    views = getattr(layout, "views", ()) or ()
+    if len(views) > 1:
+        return f"the {views[0].name} view's tokens (the other views and separator tokens are left out)"
+    if views:
+        return f"the image's tokens of its {views[0].name} grid"
+    return "the image's tokens"
 
 
 def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
@@ -332,13 +355,14 @@ def measure_outlier_overlap(mllm: Any, samples: Sequence[Sample], *, model_name:
     reduction = DAMROConfig().resolved_reduction(family)
     results: list[SampleOverlap] = []
     sizes: list[int] = []
+    first_layout: Any = None  # the first sample's image layout (names the ranked view)
     with progress(len(samples), "outlier overlap", show_progress) as advance:
         for chunk in batches(samples, batch_size):
             batch = mllm.prepare([sample_image(s) for s in chunk], [str(s["question"]) for s in chunk])
             with contextlib.ExitStack() as stack:
                 capture = stack.enter_context(OutlierCapture(mllm, batch, k=1, reduction=reduction))
                 attention = stack.enter_context(AnswerAttention(mllm, batch, chosen))
-                records = stack.enter_context(query_patch_maps(adapter)) if family == "instructblip" else None
+                records = stack.enter_context(query_patch_maps(adapter)) if adapter.query_patch_blocks else None
                 ids = mllm.generate(batch, max_new_tokens=new_tokens)
             qmaps = query_to_patch(records) if records is not None else None  # [N, Q, P]
             if len(capture.scores) != len(chunk):
@@ -347,6 +371,7 @@ def measure_outlier_overlap(mllm: Any, samples: Sequence[Sample], *, model_name:
                 vision = capture.scores[b].float().cpu()  # [P]
                 n_tokens = 1 if rows == "first" else len(ids[b])
                 row = attention.answer_row(b, n_tokens).cpu()  # [L0]
+                first_layout = batch.layouts[b][0] if first_layout is None else first_layout
                 decoder = patch_attention(adapter, batch.layouts[b][0], row, None if qmaps is None else qmaps[b].cpu())
                 if decoder.shape != vision.shape:
                     raise MethodError(f"outlier-overlap: {decoder.numel()} decoder tokens but {vision.numel()} "
@@ -362,7 +387,7 @@ def measure_outlier_overlap(mllm: Any, samples: Sequence[Sample], *, model_name:
                 sizes.append(int(vision.numel()))
             advance(len(chunk))
     curves = group_curves(results, max_rank)
-    ranking = vision_ranking(adapter, reduction)
+    ranking = vision_ranking(adapter, reduction, first_layout)
     numbers = {
         "h_i": curves["h_i"],
         "f": curves["f"],
@@ -371,8 +396,8 @@ def measure_outlier_overlap(mllm: Any, samples: Sequence[Sample], *, model_name:
         "chance": {"h_i": [min(1.0, i / mean(sizes)) for i in range(1, max_rank + 1)],
                    "f": min(F_TOP, mean(sizes)) / mean(sizes)},
         "vision_ranking": ranking,
-        "cls": not family.startswith("qwen"),
-        "decoder_tokens": decoder_tokens(adapter),
+        "cls": bool(adapter.vision_has_cls),
+        "decoder_tokens": decoder_tokens(adapter, first_layout),
         "decoder_layers": list(chosen),
         "rows": rows,
         "scorer": score.key,
@@ -387,7 +412,7 @@ def measure_outlier_overlap(mllm: Any, samples: Sequence[Sample], *, model_name:
         "H_1 hallucinated / not": _pair(h["hallucinated"][0], h["not_hallucinated"][0]),
         f"H_{last + 1} hallucinated / not": _pair(h["hallucinated"][last], h["not_hallucinated"][last]),
         "F hallucinated / not": _pair(f["hallucinated"], f["not_hallucinated"]),
-        "vision ranking": "[CLS] attention" if numbers["cls"] else "no [CLS] (Qwen): received-attention substitute",
+        "vision ranking": "[CLS] attention" if numbers["cls"] else "no [CLS]: received-attention substitute",
     }
     settings = {"batch_size": batch_size, "max_new_tokens": new_tokens, "layers": layers, "rows": rows,
                 "scorer": score.key, "max_rank": max_rank}
