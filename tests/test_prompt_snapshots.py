@@ -66,7 +66,7 @@ def _expected(family: str, template: str, newline: str, spaced: str, blip: str) 
     return f"{QWEN_HEAD}{QWEN_IMAGE}{newline}{QWEN_TAIL}"  # Qwen: the official chat format for both
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("template", ["chat", "reference"])
 @pytest.mark.parametrize(("bench_name", "sample", "newline", "spaced", "blip"), CASES, ids=[c[0] for c in CASES])
 def test_prompt_snapshot(tiny_mllm, family, template, bench_name, sample, newline, spaced, blip):

@@ -49,7 +49,7 @@ def test_every_family_names_its_projector_layer(tiny_mllm):
     assert llava.projector_vision_layer == 2
     assert llava.describe()["projector_vision_layer"] == 2
     assert tiny_mllm("llava_next").adapter.projector_vision_layer == 0  # 2 layers, -2: layers[0]
-    for family in ("instructblip", "qwen2_vl", "qwen2_5_vl"):
+    for family in ("instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         adapter = tiny_mllm(family).adapter
         assert adapter.projector_vision_layer == len(adapter.vision_layers) - 1  # the last layer's output
 
@@ -113,7 +113,7 @@ def test_damro_default_layer_equals_a_hand_computation_on_a_tiny_clip_with_disti
 def test_damro_default_layers_of_the_other_families(tiny_mllm):
     blip = tiny_mllm("instructblip").adapter
     assert blip.outlier_vision_layer == blip.projector_vision_layer - 1  # reference: encoder.layers[-2]
-    for family in ("qwen2_vl", "qwen2_5_vl"):
+    for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         adapter = tiny_mllm(family).adapter
         full = getattr(adapter.config.vision_config, "fullatt_block_indexes", None)
         expected = max(full) if full else len(adapter.vision_layers) - 1

@@ -34,7 +34,7 @@ from innersight.adapters import FAMILIES  # noqa: E402
 
 #: outlier count per tiny family (LLaVA 16 patches, LLaVA-NeXT 4 base patches, InstructBLIP 16
 #: ViT patches, Qwen >= 2 merged tokens for the test images)
-K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}
+K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 
@@ -283,7 +283,7 @@ def test_vision_queries_and_keys_reproduce_the_attention_output(tiny_mllm, image
     torch.testing.assert_close(out, seen["out"], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_scores_are_received_attention_pooled_per_merged_token(tiny_mllm, image, family):
     """Extension beyond the paper: naive full attention matrices per image, mean over heads and
     queries, then a plain loop pooling patches into merged tokens through the adapter's map."""

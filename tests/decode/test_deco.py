@@ -158,6 +158,7 @@ def test_mismatched_layer_logits_refused():
     ("instructblip", 32, 15, 24),  # the authors' hint
     ("qwen2_vl", 28, 17, 24),  # no published range: LLaVA's fraction of depth
     ("qwen2_5_vl", 36, 22, 31),
+    ("qwen3_vl", 36, 22, 31),  # Qwen3-VL-8B: no published range, LLaVA's fraction of depth
     ("llava", 40, 25, 35),  # 13B: scaled
     ("llava_next", 32, 20, 28),
     ("llava", 2, 1, 1),  # tiny: the one preceding layer

@@ -202,7 +202,7 @@ def _token_grid(values: torch.Tensor, layout, view) -> np.ndarray:
     return np.array([[float(values[layout.positions[i]]) for i in row] for row in view.token_index])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_rel_att_equals_hand_computation(tiny_mllm, family):
     mllm = tiny_mllm(family)
     image, question = _scene(90, 60, 6), "what is the digit in the red circle?"
@@ -390,6 +390,7 @@ FAMILIES = [
     ("instructblip", {"qformer_layers": 5, "cross_attention_frequency": 2}, {}),
     ("qwen2_vl", {}, {}),
     ("qwen2_5_vl", {}, {}),
+    ("qwen3_vl", {}, {}),
 ]
 
 

@@ -16,6 +16,7 @@ FAMILIES = {
     "instructblip": "instructblip",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
+    "qwen3_vl": "qwen3_vl",
 }
 
 
@@ -24,6 +25,6 @@ def build(family: str, out_dir: str | Path, **kwargs) -> Path:
     if family not in FAMILIES:
         raise KeyError(f"no tiny builder for {family!r}; known: {', '.join(FAMILIES)}")
     module = importlib.import_module(f"{__name__}.{FAMILIES[family]}")
-    if family.startswith("qwen"):
+    if FAMILIES[family] == "qwen2_vl":  # one builder, two variants
         kwargs.setdefault("variant", family)
     return module.build(Path(out_dir), **kwargs)
