@@ -129,7 +129,7 @@ def max_num_patches(vision_aspect_ratio: str) -> int:
     """``N`` of ``anyres_max_N`` read as transformers reads it: ``strip`` of the *characters*
     ``a n y r e s _ m x`` from both ends, then ``int``."""
     try:
-        return int(str(vision_aspect_ratio).strip("anyres_max_"))
+        return int(str(vision_aspect_ratio).strip("anyres_max_"))  # noqa: B005 - transformers' character-set strip
     except ValueError:
         raise UnsupportedModelError(
             f"llava_onevision: vision_aspect_ratio {vision_aspect_ratio!r} is not of the form 'anyres_max_N'"
