@@ -37,7 +37,7 @@ def build(
     out_dir: Path,
     *,
     seed: int = 0,
-    image_size: int = 28,
+    image_size: int = 42,
     patch_size: int = 14,
     hidden_size: int = 32,
     num_layers: int = 2,
@@ -50,10 +50,11 @@ def build(
     """Write a tiny ``LlavaOnevisionForConditionalGeneration`` and its processor parts to ``out_dir``.
 
     The base view and every tile are ``image_size`` px squares of ``p = image_size // patch_size``
-    patches a side (2 by default: 4 base tokens); ``image_grid_pinpoints`` defaults to 1x1, 1x2,
+    patches a side (3 by default: 9 base tokens); ``image_grid_pinpoints`` defaults to 1x1, 1x2,
     2x1 and 2x2 tiles. ``vision_aspect_ratio = "anyres_max_2"`` bilinearly shrinks an unpadded
-    high-resolution grid of more than ``1.21 * 2 * p * p`` (9.68) cells, so a 2x2-tile image's
-    4x4 grid becomes 2x2 and a 3x4 one 2x3, as ``anyres_max_9`` does for 729-token tiles.
+    high-resolution grid of more than ``1.21 * 2 * p * p`` (21.78) cells, as ``anyres_max_9`` does
+    for 729-token tiles: a 2x2-tile image's 6x6 grid becomes 4x4 and a 4x6 one 3x5, so pooled
+    cells cover non-integer blocks of feature cells, as in the released models.
     """
     import torch
     from transformers import (
