@@ -20,8 +20,8 @@ from innersight.instruments import get_instrument
 from innersight.instruments import outlier_overlap as O
 
 #: ranked vision tokens per tiny family for a 90x60 image: LLaVA 4x4 patches, LLaVA-NeXT a 2x2 base
-#: view, InstructBLIP 4x4 ViT patches
-TOKENS = {"llava": 16, "llava_next": 4, "instructblip": 16}
+#: view, InstructBLIP 4x4 ViT patches, LLaVA-OneVision a 3x3 base view
+TOKENS = {"llava": 16, "llava_next": 4, "instructblip": 16, "llava_onevision": 9}
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:

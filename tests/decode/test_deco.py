@@ -161,6 +161,7 @@ def test_mismatched_layer_logits_refused():
     ("qwen3_vl", 36, 22, 31),  # Qwen3-VL-8B: no published range, LLaVA's fraction of depth
     ("llava", 40, 25, 35),  # 13B: scaled
     ("llava_next", 32, 20, 28),
+    ("llava_onevision", 28, 17, 24),  # Qwen2-7B decoder, no published range: LLaVA's fraction of depth
     ("llava", 2, 1, 1),  # tiny: the one preceding layer
     ("qwen2_vl", 1, 1, 1),
 ])

@@ -14,6 +14,7 @@ from ..errors import UnsupportedModelError
 ADAPTERS: dict[str, str] = {
     "llava": "llava:LlavaAdapter",
     "llava_next": "llava_next:LlavaNextAdapter",
+    "llava_onevision": "llava_onevision:LlavaOnevisionAdapter",
     "instructblip": "instructblip:InstructBlipAdapter",
     "qwen2_vl": "qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "qwen2_vl:Qwen25VLAdapter",
@@ -24,6 +25,7 @@ ADAPTERS: dict[str, str] = {
 FAMILY_NAMES: dict[str, str] = {
     "llava": "LLaVA-1.5 (LlavaForConditionalGeneration)",
     "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
+    "llava_onevision": "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration)",
     "instructblip": "InstructBLIP (InstructBlipForConditionalGeneration)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",

@@ -13,6 +13,7 @@ from pathlib import Path
 FAMILIES = {
     "llava": "llava",
     "llava_next": "llava_next",
+    "llava_onevision": "llava_onevision",
     "instructblip": "instructblip",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
