@@ -390,7 +390,8 @@ FAMILIES = [
     ("instructblip", {"qformer_layers": 5, "cross_attention_frequency": 2}, {}),
     ("qwen2_vl", {}, {}),
     ("qwen2_5_vl", {}, {}),
-    ("qwen3_vl", {}, {}, "llava_onevision"),
+    ("qwen3_vl", {}, {}),
+    ("llava_onevision", {}, {}),
 ]
 
 
