@@ -297,3 +297,35 @@ def test_a_cls_keeping_strategy_is_refused(adapter: InternVLAdapter) -> None:
             InternVLAdapter(adapter.model, adapter.processor)
     finally:
         adapter.model.config.vision_feature_select_strategy = "default"
+
+
+def test_vicrop_rel_att_map_lies_on_the_stitched_tiles(tiny_mllm) -> None:
+    """ViCrop's rel-att map of a tiled image is drawn on the stitched tile grid (the finest), each
+    cell the last position's head-mean attention, at layer 1, to the token the view names there;
+    computed here with eager attention, by hand."""
+    from innersight.look.vicrop import ViCropConfig, importance_maps
+
+    mllm = tiny_mllm("internvl")
+    image, question = noise(90, 60, seed=13), "what is the digit in the red circle?"
+    # the joint batch; the shared-prefix path (look/prefix.py) slices pixel_values one row per
+    # image and does not yet know tiles (notes/families/internvl.md)
+    config = ViCropConfig(variant="rel-att", layer=1, shared_prefix=False)
+    (imap, view, raw), = importance_maps(mllm, [image], [question], config)
+    assert (view.name, view.rows, view.cols, view.region) == ("tiles", 4, 4, (0.0, 0.0, 90.0, 60.0))
+    model = mllm.model
+    previous = model.config.get_text_config()._attn_implementation
+    expected = {}
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        for name, q in (("question", question), ("generic", config.generic_instruction)):
+            batch = mllm.prepare([image], [q])
+            with torch.no_grad():
+                out = model(**batch.inputs, output_attentions=True, use_cache=False)
+            row = out.attentions[1][0, :, -1, :].mean(dim=0)  # [L]
+            layout = batch.layouts[0][0]
+            expected[name] = np.array([[float(row[layout.positions[i]]) for i in cells] for cells in view.token_index])
+    finally:
+        model.set_attn_implementation({"text_config": previous})
+    np.testing.assert_allclose(raw["question"], expected["question"], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(raw["generic"], expected["generic"], rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(imap, expected["question"] / (expected["generic"] + 1e-6), rtol=1e-4)
