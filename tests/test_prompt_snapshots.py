@@ -27,6 +27,7 @@ QWEN_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_st
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 OV_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+INTERNVL_HEAD = "<|im_start|>user\n<IMG_CONTEXT>\n"  # the -hf format: no system turn
 
 # (benchmark, sample, question with the preset's own newline-joined instruction, that question in
 # the LLaVA-1.5 reference's space-joined form, in InstructBLIP's reference form)
@@ -67,10 +68,13 @@ def _expected(family: str, template: str, newline: str, spaced: str, blip: str) 
     if family == "llava_onevision":  # llava-hf's template has no system turn; the official qwen_1_5 format has one
         system = OV_SYSTEM if template == "reference" else ""
         return f"{system}<|im_start|>user\n<image>\n{newline}{QWEN_TAIL}"
+    if family == "internvl":  # the -hf chat format for both
+        return f"{INTERNVL_HEAD}{newline}{QWEN_TAIL}"
     return f"{QWEN_HEAD}{QWEN_IMAGE}{newline}{QWEN_TAIL}"  # Qwen: the official chat format for both
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision",
+                                    "internvl"])
 @pytest.mark.parametrize("template", ["chat", "reference"])
 @pytest.mark.parametrize(("bench_name", "sample", "newline", "spaced", "blip"), CASES, ids=[c[0] for c in CASES])
 def test_prompt_snapshot(tiny_mllm, family, template, bench_name, sample, newline, spaced, blip):

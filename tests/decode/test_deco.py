@@ -162,6 +162,7 @@ def test_mismatched_layer_logits_refused():
     ("llava", 40, 25, 35),  # 13B: scaled
     ("llava_next", 32, 20, 28),
     ("llava_onevision", 28, 17, 24),  # Qwen2-7B decoder, no published range: LLaVA's fraction of depth
+    ("internvl", 24, 15, 21),  # InternVL3-1B (Qwen2.5-0.5B, 24 layers): LLaVA's fraction
     ("llava", 2, 1, 1),  # tiny: the one preceding layer
     ("qwen2_vl", 1, 1, 1),
 ])

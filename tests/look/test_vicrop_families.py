@@ -392,6 +392,7 @@ FAMILIES = [
     ("qwen2_5_vl", {}, {}),
     ("qwen3_vl", {}, {}),
     ("llava_onevision", {}, {}),
+    ("internvl", {}, {}),
 ]
 
 

@@ -19,6 +19,7 @@ ADAPTERS: dict[str, str] = {
     "qwen2_vl": "qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "qwen2_vl:Qwen25VLAdapter",
     "qwen3_vl": "qwen3_vl:Qwen3VLAdapter",
+    "internvl": "internvl:InternVLAdapter",
 }
 
 #: human names of the families, for `innersight list` and error messages
@@ -30,6 +31,7 @@ FAMILY_NAMES: dict[str, str] = {
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
     "qwen3_vl": "Qwen3-VL (Qwen3VLForConditionalGeneration)",
+    "internvl": "InternVL 3 / 3.5 -hf (InternVLForConditionalGeneration)",
 }
 
 #: every supported family (config ``model_type``), in registry order: what tests parametrise over

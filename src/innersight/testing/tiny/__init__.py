@@ -18,6 +18,7 @@ FAMILIES = {
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
+    "internvl": "internvl",
 }
 
 
