@@ -25,7 +25,9 @@ and ``modeling_gemma3.py``):
    the mask is purely causal. ``generate`` passes them at prefill only. Anything that runs the
    model on a prompt it builds itself must pass ``token_type_ids = (input_ids == image_token_id)``
    (:meth:`Gemma3Adapter.token_type_ids`) to see the images as the model was trained to.
-5. Optional **pan-and-scan** (``do_pan_and_scan``, off by default): an image whose aspect ratio is
+5. Optional **pan-and-scan** (``do_pan_and_scan``, off by default; ``Gemma3Processor``'s own
+   defaults override the image processor's saved values, so the adapter passes the settings on
+   every call, :attr:`Gemma3Adapter.pan_and_scan_settings`): an image whose aspect ratio is
    at least ``pan_and_scan_min_ratio_to_activate`` is also cut into 2..``max_num_crops`` equal
    crops along its long side, each stretched to ``size`` and given its own full image sequence
    after the original's, with text between (``"Here is the original image ... and here are some
@@ -60,6 +62,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: the official Gemma 3 chat format for one user turn with images, written out literally
 GEMMA3_REFERENCE_TEMPLATE = "<bos><start_of_turn>user\n{images}{question}<end_of_turn>\n<start_of_turn>model\n"
+
+#: ``Gemma3Processor``'s pan-and-scan defaults (transformers 5.17 and 5.25), which it applies over
+#: the image processor's saved values unless a call passes them
+PAN_AND_SCAN_DEFAULTS: dict[str, Any] = {
+    "do_pan_and_scan": False,
+    "pan_and_scan_min_crop_size": 256,
+    "pan_and_scan_max_num_crops": 4,
+    "pan_and_scan_min_ratio_to_activate": 1.2,
+}
 
 
 def pan_and_scan_boxes(width: int, height: int, min_crop_size: int, max_num_crops: int,
@@ -161,14 +172,28 @@ class Gemma3Adapter(Adapter):
         """Soft tokens of one image sequence (the original image or one pan-and-scan crop)."""
         return self.tokens_per_side**2
 
-    def crop_boxes(self, size: tuple[int, int]) -> list[Box]:
-        """Pan-and-scan crops the image processor makes for an image of ``size`` (none when off)."""
+    @property
+    def pan_and_scan_settings(self) -> dict[str, Any]:
+        """The pan-and-scan arguments every processor call gets: the image processor's own value of
+        each where it is set, else ``Gemma3Processor``'s default (off; min crop 256 px, at most 4
+        crops, from aspect ratio 1.2). ``Gemma3Processor`` would otherwise override the image
+        processor's saved values with its defaults; passing them makes one source for the
+        processing and for :meth:`crop_boxes`. Set ``processor.image_processor.do_pan_and_scan =
+        True`` to switch crops on."""
         ip = self.processor.image_processor
-        if not getattr(ip, "do_pan_and_scan", False):
+        out = {}
+        for key, default in PAN_AND_SCAN_DEFAULTS.items():
+            value = getattr(ip, key, None)
+            out[key] = type(default)(default if value is None else value)
+        return out
+
+    def crop_boxes(self, size: tuple[int, int]) -> list[Box]:
+        """Pan-and-scan crops the processor makes for an image of ``size`` (none when off)."""
+        cfg = self.pan_and_scan_settings
+        if not cfg["do_pan_and_scan"]:
             return []
-        return pan_and_scan_boxes(int(size[0]), int(size[1]), int(ip.pan_and_scan_min_crop_size),
-                                  int(ip.pan_and_scan_max_num_crops),
-                                  float(ip.pan_and_scan_min_ratio_to_activate))
+        return pan_and_scan_boxes(int(size[0]), int(size[1]), cfg["pan_and_scan_min_crop_size"],
+                                  cfg["pan_and_scan_max_num_crops"], cfg["pan_and_scan_min_ratio_to_activate"])
 
     # ------------------------------------------------------------------ prompts and inputs
     def image_placeholder(self, num_images: int) -> str:
@@ -176,12 +201,20 @@ class Gemma3Adapter(Adapter):
         return str(self.processor.boi_token) * num_images
 
     def _process(self, flat_images: list, prompts: list[str], counts: list[int]) -> Any:
-        """The processor's inputs, with one ``<bos>`` per sample: the chat template writes one and
-        the tokenizer adds one, so a leading ``<bos>`` is dropped from each prompt first."""
+        """The processor's inputs, with one ``<bos>`` per sample (the chat template writes one and
+        the tokenizer adds one, so a leading ``<bos>`` is dropped from each prompt first), images
+        nested per sample, and pan-and-scan as :attr:`pan_and_scan_settings` say."""
         bos = self.tokenizer.bos_token
         if bos:
             prompts = [p.removeprefix(str(bos)) for p in prompts]
-        return super()._process(flat_images, prompts, counts)
+        kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True}
+        if flat_images:
+            # nested per sample: Gemma3Processor (5.25) counts the images of each prompt, and a flat
+            # list reads as all images belonging to the first prompt
+            starts = [sum(counts[:b]) for b in range(len(counts))]
+            kwargs["images"] = [flat_images[start:start + n] for start, n in zip(starts, counts)]
+            kwargs.update(self.pan_and_scan_settings)  # the settings crop_boxes reads
+        return self.processor(**kwargs)
 
     def token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``token_type_ids`` [B, L] for ``input_ids`` [B, L]: 1 at image soft tokens. The model makes
