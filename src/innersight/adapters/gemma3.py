@@ -137,8 +137,11 @@ class Gemma3Adapter(Adapter):
 
     @property
     def vision_post_layernorm(self) -> Any:
-        """The LayerNorm SigLIP applies to its last layer's output before the projector reads it."""
-        return self.vision_tower.vision_model.post_layernorm
+        """The LayerNorm SigLIP applies to its last layer's output before the projector reads it
+        (``SiglipVisionModel`` holds it directly in transformers 5.x; older layouts nest it under
+        ``vision_model``)."""
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).post_layernorm
 
     @property
     def vision_feature_layer(self) -> int:
