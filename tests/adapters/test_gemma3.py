@@ -5,7 +5,7 @@ SigLIP cuts 8 px patches (an 8x8 grid, no CLS); ``mm_tokens_per_image = 16``, so
 average-pools 2x2 patch blocks into a 4x4 token grid. A prompt holds one ``<start_of_image>`` per
 image; the processor replaces it with ``<start_of_image>`` + 16 ``<image_soft_token>`` +
 ``<end_of_image>`` (the ``\\n\\n`` around them vanish in the whitespace-splitting test tokenizer).
-Decoder: 2 layers (sliding window of 20 tokens, then global), hidden 64, 4 heads, 2 KV heads.
+Decoder: 6 layers (5 with a sliding window of 20 tokens, then a global one), hidden 64, 4 heads, 2 KV heads.
 Expected numbers are worked out by hand from the processor's and the model's arithmetic.
 """
 
@@ -56,8 +56,8 @@ def test_registry_modules_and_sizes(mllm):
     assert a.vision_tower is mllm.model.model.vision_tower
     assert a.projector is mllm.model.model.multi_modal_projector
     assert a.final_norm is a.language_model.norm and a.lm_head is mllm.model.lm_head
-    assert (a.num_layers, a.num_heads, a.num_kv_heads, a.hidden_size, a.head_dim) == (2, 4, 2, 64, 16)
-    assert list(a.text_config.layer_types) == ["sliding_attention", "full_attention"]
+    assert (a.num_layers, a.num_heads, a.num_kv_heads, a.hidden_size, a.head_dim) == (6, 4, 2, 64, 16)
+    assert list(a.text_config.layer_types) == ["sliding_attention"] * 5 + ["full_attention"]
     assert a.text_config.sliding_window == 20  # shorter than a 28-token prompt with one image
     assert len(a.vision_layers) == 2 and a.vision_feature_layer == -1 and a.projector_vision_layers == (1,)
     assert a.vision_post_layernorm is a.vision_tower.post_layernorm
@@ -65,6 +65,7 @@ def test_registry_modules_and_sizes(mllm):
     # the model's image token is the soft token; the processor's "image token" is the boi placeholder
     assert a.image_token_id == _id(mllm, SOFT) and str(mllm.processor.image_token) == BOI
     assert a.crop_base_size == 64
+    assert a.lm_head.weight.data_ptr() == a.language_model.embed_tokens.weight.data_ptr()  # tied
     assert a.describe()["pool_kernel"] == 2
 
 

@@ -37,8 +37,8 @@ NEG = float("-inf")
 from innersight.adapters import FAMILIES  # noqa: E402
 
 #: outlier count per tiny family (LLaVA 16 patches, LLaVA-NeXT 4 base patches, InstructBLIP 16
-#: ViT patches, Qwen >= 2 merged tokens for the test images)
-K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}
+#: ViT patches, Qwen >= 2 merged tokens for the test images, Gemma 3 16 pooled tokens of 64 patches)
+K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "gemma3": 3}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

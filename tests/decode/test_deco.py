@@ -158,6 +158,8 @@ def test_mismatched_layer_logits_refused():
     ("instructblip", 32, 15, 24),  # the authors' hint
     ("qwen2_vl", 28, 17, 24),  # no published range: LLaVA's fraction of depth
     ("qwen2_5_vl", 36, 22, 31),
+    ("gemma3", 34, 21, 29),  # gemma-3-4b: LLaVA's fraction of depth
+    ("gemma3", 6, 3, 5),  # the tiny model
     ("llava", 40, 25, 35),  # 13B: scaled
     ("llava_next", 32, 20, 28),
     ("llava", 2, 1, 1),  # tiny: the one preceding layer
@@ -252,10 +254,11 @@ class _Spy:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deco_generate_equals_hand_oracle(tiny_mllm, family, image, greedy_oracle, monkeypatch):
     """generate + DeCo (cached decode steps, hooks) == a full-forward greedy loop applying the closed
-    form by hand to output_hidden_states; layers 1..2 of 2 with a strong alpha."""
+    form by hand to output_hidden_states; every layer (1..depth: 1..2 of the 2-layer tiny models)
+    with a strong alpha."""
     mllm = tiny_mllm(family)
     adapter = mllm.adapter
-    alpha, layers = 40.0, (1, 2)
+    alpha, layers = 40.0, (1, adapter.num_layers)
 
     def choose(final, hs):
         early = []

@@ -3,8 +3,10 @@ and global layers), random weights, saved in the layout of the ``google/gemma-3-
 
 With the defaults the vision tower sees 64 px images cut into 8 px patches (an 8x8 patch grid);
 the projector average-pools 2x2 patch blocks into ``mm_tokens_per_image = 16`` language-model
-tokens (a 4x4 grid). Decoder layer 0 is a sliding-window layer whose window (20 tokens) is shorter
-than a prompt with an image, layer 1 a global layer, as in the released 5:1 pattern.
+tokens (a 4x4 grid). The decoder has the released 5:1 pattern: five sliding-window layers whose
+window (20 tokens) is shorter than a prompt with an image, then one global layer. Six layers, not
+two: the LM head is tied to the embeddings as in the released models, so DoLa's default candidate
+layers skip the embeddings and a 2- or 4-layer model would leave its lower bucket empty.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def build(
     patch_size: int = 8,
     tokens_per_side: int = 4,
     hidden_size: int = 64,
-    num_layers: int = 2,
+    num_layers: int = 6,
     num_heads: int = 4,
     num_kv_heads: int = 2,
     vision_hidden_size: int = 32,
