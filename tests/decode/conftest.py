@@ -60,7 +60,7 @@ def _greedy_oracle(
             break
         out_ids.append(token)
         new = torch.tensor([[token]], dtype=inputs["input_ids"].dtype)
-        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
             if key in inputs:
                 fill = new if key == "input_ids" else torch.full_like(new, 1 if key == "attention_mask" else 0)
                 inputs[key] = torch.cat([inputs[key], fill], dim=1)

@@ -159,6 +159,8 @@ def test_mismatched_layer_logits_refused():
     ("qwen2_vl", 28, 17, 24),  # no published range: LLaVA's fraction of depth
     ("qwen2_5_vl", 36, 22, 31),
     ("qwen3_vl", 36, 22, 31),  # Qwen3-VL-8B: no published range, LLaVA's fraction of depth
+    ("gemma3", 34, 21, 29),  # gemma-3-4b: LLaVA's fraction of depth
+    ("gemma3", 6, 3, 5),  # the tiny model
     ("llava", 40, 25, 35),  # 13B: scaled
     ("llava_next", 32, 20, 28),
     ("llava_onevision", 28, 17, 24),  # Qwen2-7B decoder, no published range: LLaVA's fraction of depth
@@ -255,10 +257,11 @@ class _Spy:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deco_generate_equals_hand_oracle(tiny_mllm, family, image, greedy_oracle, monkeypatch):
     """generate + DeCo (cached decode steps, hooks) == a full-forward greedy loop applying the closed
-    form by hand to output_hidden_states; layers 1..2 of 2 with a strong alpha."""
+    form by hand to output_hidden_states; every layer (1..depth: 1..2 of the 2-layer tiny models)
+    with a strong alpha."""
     mllm = tiny_mllm(family)
     adapter = mllm.adapter
-    alpha, layers = 40.0, (1, 2)
+    alpha, layers = 40.0, (1, adapter.num_layers)
 
     def choose(final, hs):
         early = []

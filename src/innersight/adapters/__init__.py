@@ -20,6 +20,7 @@ ADAPTERS: dict[str, str] = {
     "qwen2_5_vl": "qwen2_vl:Qwen25VLAdapter",
     "qwen3_vl": "qwen3_vl:Qwen3VLAdapter",
     "internvl": "internvl:InternVLAdapter",
+    "gemma3": "gemma3:Gemma3Adapter",
 }
 
 #: human names of the families, for `innersight list` and error messages
@@ -32,6 +33,7 @@ FAMILY_NAMES: dict[str, str] = {
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
     "qwen3_vl": "Qwen3-VL (Qwen3VLForConditionalGeneration)",
     "internvl": "InternVL 3 / 3.5 -hf (InternVLForConditionalGeneration)",
+    "gemma3": "Gemma 3 (Gemma3ForConditionalGeneration)",
 }
 
 #: every supported family (config ``model_type``), in registry order: what tests parametrise over

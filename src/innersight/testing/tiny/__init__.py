@@ -19,6 +19,7 @@ FAMILIES = {
     "qwen2_5_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
     "internvl": "internvl",
+    "gemma3": "gemma3",
 }
 
 
