@@ -17,6 +17,7 @@ ADAPTERS: dict[str, str] = {
     "instructblip": "instructblip:InstructBlipAdapter",
     "qwen2_vl": "qwen2_vl:Qwen2VLAdapter",
     "qwen2_5_vl": "qwen2_vl:Qwen25VLAdapter",
+    "smolvlm": "smolvlm:SmolVLMAdapter",
 }
 
 #: human names of the families, for `innersight list` and error messages
@@ -26,6 +27,7 @@ FAMILY_NAMES: dict[str, str] = {
     "instructblip": "InstructBLIP (InstructBlipForConditionalGeneration)",
     "qwen2_vl": "Qwen2-VL (Qwen2VLForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)",
+    "smolvlm": "SmolVLM / SmolVLM2 (SmolVLMForConditionalGeneration)",
 }
 
 #: every supported family (config ``model_type``), in registry order: what tests parametrise over

@@ -16,6 +16,7 @@ FAMILIES = {
     "instructblip": "instructblip",
     "qwen2_vl": "qwen2_vl",
     "qwen2_5_vl": "qwen2_vl",
+    "smolvlm": "smolvlm",
 }
 
 
