@@ -26,6 +26,8 @@ LETTER = "Answer with the option's letter from the given choices directly."
 QWEN_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+SMOLVLM_HEAD = "<|im_start|>User:<image>"
+SMOLVLM_TAIL = "<end_of_utterance>\nAssistant:"
 
 # (benchmark, sample, question with the preset's own newline-joined instruction, that question in
 # the LLaVA-1.5 reference's space-joined form, in InstructBLIP's reference form)
@@ -63,10 +65,12 @@ def _expected(family: str, template: str, newline: str, spaced: str, blip: str) 
         return f"USER: <image>\n{newline} ASSISTANT:"
     if family == "instructblip":  # no chat template: chat keeps the instruction, reference drops it
         return f"Question: {newline} Short answer:" if template == "chat" else f"Question: {blip} Short answer:"
+    if family == "smolvlm":  # no paper reference: SmolVLM's chat format for both
+        return f"{SMOLVLM_HEAD}{newline}{SMOLVLM_TAIL}"
     return f"{QWEN_HEAD}{QWEN_IMAGE}{newline}{QWEN_TAIL}"  # Qwen: the official chat format for both
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl", "smolvlm"])
 @pytest.mark.parametrize("template", ["chat", "reference"])
 @pytest.mark.parametrize(("bench_name", "sample", "newline", "spaced", "blip"), CASES, ids=[c[0] for c in CASES])
 def test_prompt_snapshot(tiny_mllm, family, template, bench_name, sample, newline, spaced, blip):

@@ -37,8 +37,8 @@ NEG = float("-inf")
 from innersight.adapters import FAMILIES  # noqa: E402
 
 #: outlier count per tiny family (LLaVA 16 patches, LLaVA-NeXT 4 base patches, InstructBLIP 16
-#: ViT patches, Qwen >= 2 merged tokens for the test images)
-K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2}
+#: ViT patches, Qwen >= 2 merged tokens for the test images, SmolVLM 9 tokens a frame)
+K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "smolvlm": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

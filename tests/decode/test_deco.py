@@ -160,6 +160,8 @@ def test_mismatched_layer_logits_refused():
     ("qwen2_5_vl", 36, 22, 31),
     ("llava", 40, 25, 35),  # 13B: scaled
     ("llava_next", 32, 20, 28),
+    ("smolvlm", 24, 15, 21),  # SmolVLM2-2.2B (24 layers), no published range: floor(24*20/32), floor(24*28/32)
+    ("smolvlm", 2, 1, 1),  # tiny
     ("llava", 2, 1, 1),  # tiny: the one preceding layer
     ("qwen2_vl", 1, 1, 1),
 ])

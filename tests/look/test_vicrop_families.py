@@ -390,6 +390,7 @@ FAMILIES = [
     ("instructblip", {"qformer_layers": 5, "cross_attention_frequency": 2}, {}),
     ("qwen2_vl", {}, {}),
     ("qwen2_5_vl", {}, {}),
+    ("smolvlm", {}, {}),
 ]
 
 
