@@ -41,6 +41,17 @@ def noise(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def packed_features(adapter: SmolVLMAdapter, batch) -> torch.Tensor:
+    """The model's image features of the whole batch, frames in order: [T_total, D]. transformers
+    5.25 returns one [T_b, D] tensor per sample, 5.17 one [frames, g*g, D] tensor for all."""
+    with torch.no_grad():
+        out = adapter.model.model.get_image_features(
+            batch.inputs["pixel_values"], batch.inputs["pixel_attention_mask"]
+        ).pooler_output
+    parts = list(out) if isinstance(out, (list, tuple)) else [out]
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+
+
 def stripe(width: int, height: int, x0: int, x1: int) -> Image.Image:
     """Black image with a white vertical band over original columns ``x0 .. x1 - 1``."""
     pixels = np.zeros((height, width, 3), dtype=np.uint8)
@@ -125,11 +136,7 @@ def test_token_count_matches_processor_and_model(adapter: SmolVLMAdapter, size: 
     row_tokens = [t for t in adapter.tokenizer.convert_ids_to_tokens(batch.input_ids[0].tolist())
                   if t.startswith("<row_")]
     assert row_tokens == [f"<row_{r}_col_{c}>" for r in range(1, rows + 1) for c in range(1, cols + 1)]
-    with torch.no_grad():
-        feats = adapter.model.model.get_image_features(
-            batch.inputs["pixel_values"], batch.inputs["pixel_attention_mask"]
-        ).pooler_output  # per sample: [T, D]
-    assert feats[0].shape[0] == tokens
+    assert packed_features(adapter, batch).shape[0] == tokens
 
 
 def test_an_image_that_fits_one_tile_is_the_global_frame_only(tiny_mllm) -> None:
@@ -219,10 +226,8 @@ def test_features_sit_at_the_tokens_the_views_name(adapter: SmolVLMAdapter) -> N
     tiles row-major then the global frame, as the views say."""
     batch = adapter.prepare([[noise(90, 60, seed=4)]], [prompt(adapter, "what?")])
     frames = batch.inputs["pixel_values"][0]  # [5, 3, 48, 48]
+    packed = packed_features(adapter, batch)  # [45, D]
     with torch.no_grad():
-        packed = adapter.model.model.get_image_features(
-            batch.inputs["pixel_values"], batch.inputs["pixel_attention_mask"]
-        ).pooler_output[0]  # [45, D]
         per_frame = adapter.projector(adapter.vision_tower(frames).last_hidden_state)  # [5, 9, D]
     views = batch.layouts[0][0].views
     names = {v.name: v for v in views}

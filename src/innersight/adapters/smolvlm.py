@@ -52,7 +52,13 @@ text subclass (:func:`image_text_processor_class`) built from the checkpoint's p
 
 transformers 5.17 and 5.25 agree on everything used here (model, image processor arithmetic and
 prompt strings); 5.17's processor validates the image count per prompt differently and keeps its
-kwargs defaults in a ``SmolVLMProcessorKwargs`` class, which the subclass inherits unchanged.
+kwargs defaults in a ``SmolVLMProcessorKwargs`` class, which the subclass inherits unchanged. In
+5.17 ``transformers.SmolVLMImageProcessorPil`` is a placeholder that demands torchvision (its lazy
+import table lists the PIL class under the torchvision backend); the class itself needs no
+torchvision and is imported from its module, ``transformers.models.smolvlm.image_processing_pil_smolvlm``.
+``get_image_features(...).pooler_output`` is one ``[T_b, D]`` tensor per sample in 5.25 (all frames
+of all its images) but one ``[frames, g*g, D]`` tensor for the whole batch in 5.17; flattened in
+frame order, both are the image tokens in prompt order.
 """
 
 from __future__ import annotations
@@ -236,7 +242,10 @@ class SmolVLMAdapter(Adapter):
         processor (``preprocessor_config.json``) in the PIL backend ``SmolVLMImageProcessorPil``, the
         tokenizer, ``image_seq_len`` from ``processor_config.json`` (else computed from the model
         config) and the chat template (``chat_template.jinja`` / ``.json`` or the tokenizer's)."""
-        from transformers import AutoConfig, AutoTokenizer, SmolVLMImageProcessorPil
+        from transformers import AutoConfig, AutoTokenizer
+
+        # the module path: transformers 5.17's top-level name is a torchvision placeholder
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
         location = {k: v for k, v in kwargs.items() if k in _LOCATION_KWARGS}
         image_processor = SmolVLMImageProcessorPil.from_pretrained(path, **location)

@@ -78,13 +78,11 @@ def build(
     ``2 * image_size``) is the side the processor first resizes every image's longest edge to.
     """
     import torch
-    from transformers import (
-        LlamaConfig,
-        SmolVLMConfig,
-        SmolVLMForConditionalGeneration,
-        SmolVLMImageProcessorPil,
-    )
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
     from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
+
+    # the module path: transformers 5.17's top-level name is a torchvision placeholder
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
     side = image_size // patch_size
     if side % scale_factor:
