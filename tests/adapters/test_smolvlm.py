@@ -330,3 +330,23 @@ def test_wrap_of_a_hand_loaded_model(tiny_dir) -> None:
     image = noise(90, 60, seed=15)
     a = wrapped.answer(image, "what is it?", max_new_tokens=3)
     assert a.token_ids and a.token_ids == loaded.answer(image, "what is it?", max_new_tokens=3).token_ids
+
+
+def test_image_spans_cover_the_wrapped_tiles_and_image_free_prompts_drop_them(adapter: SmolVLMAdapter) -> None:
+    """Spans (see the two-image batch above): sample 0's 100x30 image from its opening fake token
+    at 3 to its closing fake token at 36, its 40x40 image 37 .. 92, sample 1's image 61 .. 94. The
+    image-free prompt is the chat prompt of the question alone."""
+    from innersight.decode.image_free import image_free_inputs
+
+    prompts = [prompt(adapter, "what is it?", 2), prompt(adapter, "what?")]
+    images = [[noise(100, 30, seed=8), noise(40, 40, seed=9)], [noise(30, 100, seed=10)]]
+    batch = adapter.prepare(images, prompts)
+    assert adapter.image_spans(batch, 0) == [(3, 37), (37, 93)]
+    assert adapter.image_spans(batch, 1) == [(61, 95)]
+    free = image_free_inputs(adapter, batch)
+    for b, question in enumerate(["what is it?", "what?"]):
+        alone = adapter.tokenizer(adapter.format_prompt(question, 0, template="chat"))["input_ids"]
+        row = free.input_ids[b][free.attention_mask[b].bool()].tolist()
+        assert row == alone  # "<|im_start|> User : what is it ? <end_of_utterance> Assistant :"
+    # 8 tokens "<|im_start|> User : what ? <end_of_utterance> Assistant :", numbered from 0 after the padding
+    assert free.position_ids[1][free.attention_mask[1].bool()].tolist() == list(range(8))

@@ -69,7 +69,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsupportedModelError
+from ..errors import MethodError, UnsupportedModelError
 from .base import Adapter, Batch
 from .geometry import Box, GridView, row_major_index
 
@@ -361,6 +361,23 @@ class SmolVLMAdapter(Adapter):
         raise UnsupportedModelError(f"smolvlm: cannot interpret the image processor's size {size!r}")
 
     # ------------------------------------------------------------------ contract
+    def image_spans(self, batch: Batch, b: int) -> list[tuple[int, int]]:
+        """Per image of sample ``b``: from the ``<fake_token_around_image>`` that opens its first
+        frame (two tokens before its first image token: the fake token and ``<row_1_col_1>`` or
+        ``<global-img>``) to the ``<fake_token_around_image>`` that closes its global view (one
+        after its last image token), tile markers and row newlines included."""
+        ids = batch.input_ids[b]  # [L]
+        fake = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "fake_image_token",
+                                                            "<fake_token_around_image>"))
+        spans = []
+        for layout in batch.layouts[b]:
+            start, stop = int(layout.positions[0]) - 2, int(layout.positions[-1]) + 2
+            if start < 0 or stop > ids.numel() or int(ids[start]) != fake or int(ids[stop - 1]) != fake:
+                raise MethodError(f"{self.family}: an image of sample {b} is not wrapped in {fake!r} tokens as the "
+                                  "processor writes them")
+            spans.append((start, stop))
+        return spans
+
     def num_image_tokens(self, batch: Batch, image_index: int, size: tuple[int, int]) -> int:
         return self.split_layout(size).num_tokens
 
