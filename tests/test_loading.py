@@ -77,7 +77,7 @@ def test_model_kwargs_reach_from_pretrained_and_win(tiny_dir):
         innersight.load(path, device="cpu", model_kwargs=[("dtype", "bf16")])
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip", "smolvlm"])
 def test_wrap_gives_the_answers_of_load(tiny_dir, family):
     from PIL import Image
 

@@ -31,6 +31,8 @@ OV_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 INTERNVL_HEAD = "<|im_start|>user\n<IMG_CONTEXT>\n"  # the -hf format: no system turn
 GEMMA_HEAD = "<bos><start_of_turn>user\n<start_of_image>"
 GEMMA_TAIL = "<end_of_turn>\n<start_of_turn>model\n"
+SMOLVLM_HEAD = "<|im_start|>User:<image>"
+SMOLVLM_TAIL = "<end_of_utterance>\nAssistant:"
 
 # (benchmark, sample, question with the preset's own newline-joined instruction, that question in
 # the LLaVA-1.5 reference's space-joined form, in InstructBLIP's reference form)
@@ -75,6 +77,8 @@ def _expected(family: str, template: str, newline: str, spaced: str, blip: str) 
         return f"{INTERNVL_HEAD}{newline}{QWEN_TAIL}"
     if family == "gemma3":  # the official chat format for both
         return f"{GEMMA_HEAD}{newline}{GEMMA_TAIL}"
+    if family == "smolvlm":  # no paper reference: SmolVLM's chat format for both
+        return f"{SMOLVLM_HEAD}{newline}{SMOLVLM_TAIL}"
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):  # Qwen: the official chat format for both
         return f"{QWEN_HEAD}{QWEN_IMAGE}{newline}{QWEN_TAIL}"
     raise AssertionError(f"no hand-written prompt snapshot for {family!r}: add one")

@@ -49,7 +49,7 @@ def test_every_family_names_its_projector_layer(tiny_mllm):
     assert llava.projector_vision_layer == 2
     assert llava.describe()["projector_vision_layer"] == 2
     assert tiny_mllm("llava_next").adapter.projector_vision_layer == 0  # 2 layers, -2: layers[0]
-    for family in ("instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    for family in ("instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm"):
         adapter = tiny_mllm(family).adapter
         assert adapter.projector_vision_layer == len(adapter.vision_layers) - 1  # the last layer's output
 

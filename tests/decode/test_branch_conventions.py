@@ -18,7 +18,7 @@ from innersight.decode.contrast import NegativeBranch
 from innersight.generation_calls import CACHE_NAMES, cache_argument, find_cache, output_cache
 from innersight.testing.cli import run_cli
 
-K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 3, "internvl": 2, "gemma3": 3}
+K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 3, "internvl": 2, "gemma3": 3, "smolvlm": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

@@ -34,7 +34,9 @@ from innersight.adapters import FAMILIES  # noqa: E402
 
 #: outlier count per tiny family (LLaVA 16 patches, LLaVA-NeXT 4 base patches, InstructBLIP 16
 #: ViT patches, Qwen >= 2 merged tokens for the test images, LLaVA-OneVision 9 base patches, InternVL a 2x2-token
-K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "gemma3": 3}
+#: thumbnail / tile, Gemma 3 16 pooled tokens of 64 patches, SmolVLM 9 tokens a frame)
+K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 3,
+     "internvl": 2, "gemma3": 3, "smolvlm": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 

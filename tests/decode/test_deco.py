@@ -165,6 +165,8 @@ def test_mismatched_layer_logits_refused():
     ("llava_next", 32, 20, 28),
     ("llava_onevision", 28, 17, 24),  # Qwen2-7B decoder, no published range: LLaVA's fraction of depth
     ("internvl", 24, 15, 21),  # InternVL3-1B (Qwen2.5-0.5B, 24 layers): LLaVA's fraction
+    ("smolvlm", 24, 15, 21),  # SmolVLM2-2.2B (24 layers), no published range: floor(24*20/32), floor(24*28/32)
+    ("smolvlm", 2, 1, 1),  # tiny
     ("llava", 2, 1, 1),  # tiny: the one preceding layer
     ("qwen2_vl", 1, 1, 1),
 ])

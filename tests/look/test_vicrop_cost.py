@@ -12,7 +12,7 @@ from innersight import generation_calls
 from innersight.generation_calls import last_logits_kwargs
 from innersight.look.vicrop import ViCropConfig, importance_maps
 
-FAMILIES = ("llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl")
+FAMILIES = ("llava", "llava_next", "instructblip", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl", "smolvlm")
 
 
 def _scene(w: int = 90, h: int = 60, seed: int = 0) -> Image.Image:

@@ -393,6 +393,7 @@ FAMILIES = [
     ("qwen3_vl", {}, {}),
     ("llava_onevision", {}, {}),
     ("internvl", {}, {}),
+    ("smolvlm", {}, {}),
 ]
 
 

@@ -21,6 +21,7 @@ ADAPTERS: dict[str, str] = {
     "qwen3_vl": "qwen3_vl:Qwen3VLAdapter",
     "internvl": "internvl:InternVLAdapter",
     "gemma3": "gemma3:Gemma3Adapter",
+    "smolvlm": "smolvlm:SmolVLMAdapter",
 }
 
 #: human names of the families, for `innersight list` and error messages
@@ -34,6 +35,7 @@ FAMILY_NAMES: dict[str, str] = {
     "qwen3_vl": "Qwen3-VL (Qwen3VLForConditionalGeneration)",
     "internvl": "InternVL 3 / 3.5 -hf (InternVLForConditionalGeneration)",
     "gemma3": "Gemma 3 (Gemma3ForConditionalGeneration)",
+    "smolvlm": "SmolVLM / SmolVLM2 (SmolVLMForConditionalGeneration)",
 }
 
 #: every supported family (config ``model_type``), in registry order: what tests parametrise over

@@ -346,6 +346,22 @@ class Adapter(ABC):
             out.append(layouts)
         return out
 
+    def image_spans(self, batch: Batch, b: int) -> list[tuple[int, int]]:
+        """Per image of sample ``b``: the ``(start, stop)`` sequence span that stands for it, i.e.
+        what the processor expanded its placeholder into (image tokens and any text tokens the
+        family wraps them in). Removing the span leaves the prompt as if it had no image. The
+        base: the image's tokens, which must be one contiguous run."""
+        spans = []
+        for layout in batch.layouts[b]:
+            pos = layout.positions
+            if not pos.numel():
+                raise MethodError(f"{self.family}: an image of sample {b} has no tokens")
+            first, last = int(pos[0]), int(pos[-1])
+            if last - first + 1 != pos.numel():
+                raise MethodError(f"{self.family}: an image's tokens are not one contiguous run")
+            spans.append((first, last + 1))
+        return spans
+
     def image_token_positions(self, batch: Batch, b: int) -> torch.Tensor:
         """Sequence positions of all image tokens of sample ``b`` (all images, in order)."""
         return (batch.input_ids[b] == self.image_token_id).nonzero().flatten()

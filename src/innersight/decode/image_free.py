@@ -1,7 +1,9 @@
 """The image-free negative branch shared by PAI, M3ID and VISTA: the same prompt with every
-image's tokens removed (:func:`~.contrast.splice_images` with zero tokens per image), i.e. the
-instruction and the answer so far without the picture. It never runs the vision tower and is
-shorter than the main prompt, so :class:`~.contrast.NegativeBranch` batches it with the main rows.
+image removed, i.e. the instruction and the answer so far without the picture. What stands for an
+image is the adapter's :meth:`~innersight.adapters.base.Adapter.image_spans` (its tokens, plus the
+text tokens a family wraps them in, such as SmolVLM's tile markers); later positions are renumbered
+contiguously. It never runs the vision tower and is shorter than the main prompt, so
+:class:`~.contrast.NegativeBranch` batches it with the main rows.
 """
 
 from __future__ import annotations
@@ -11,15 +13,25 @@ from typing import Any
 import torch
 
 from ..errors import MethodError
-from .contrast import NegativeInputs, splice_images
+from .contrast import NegativeInputs, _left_pad_start, left_padded
 
 
 def image_free_inputs(adapter: Any, batch: Any) -> NegativeInputs:
-    """``batch``'s prompts with no image tokens (text positions renumbered contiguously)."""
+    """``batch``'s prompts with every image's span removed (text positions renumbered contiguously)."""
+    ids = batch.input_ids  # [B, L0]
+    mask = batch.inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
     embed = adapter.language_model.get_input_embeddings()
-    width = int(embed.weight.shape[-1])
-    empty = torch.zeros(0, width, dtype=embed.weight.dtype, device=embed.weight.device)  # [0, D]
-    return splice_images(adapter, batch, [[empty for _ in layouts] for layouts in batch.layouts])
+    rows_ids: list[torch.Tensor] = []
+    for b in range(len(batch)):
+        keep = torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device)  # [L0]
+        keep[_left_pad_start(mask[b]):] = True
+        for start, stop in adapter.image_spans(batch, b):
+            keep[start:stop] = False
+        rows_ids.append(ids[b][keep])  # [n_b]
+    rows_emb = [embed(row.to(embed.weight.device)) for row in rows_ids]  # [n_b, D] each
+    return left_padded(adapter, batch, rows_ids, rows_emb, [[0 for _ in layouts] for layouts in batch.layouts])
 
 
 def require_images(batch: Any, name: str) -> None:

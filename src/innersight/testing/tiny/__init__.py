@@ -20,6 +20,7 @@ FAMILIES = {
     "qwen3_vl": "qwen3_vl",
     "internvl": "internvl",
     "gemma3": "gemma3",
+    "smolvlm": "smolvlm",
 }
 
 
