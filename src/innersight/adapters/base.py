@@ -7,7 +7,9 @@ adapter. An adapter wraps a loaded model and its processor and answers
 * how many layers / heads / KV heads the decoder has;
 * how to format a prompt with one or more images, and how to batch inputs (left padding);
 * which sequence positions hold each image's tokens and which pixel region of the original
-  image each token covers (:class:`ImageLayout`).
+  image each token covers (:class:`ImageLayout`);
+* the text and map facet: which module generates without an image, how the image tokens land on
+  an image grid (:class:`TokenGrid`), and whether a prompt's prefix may be encoded once.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the keys of one decoder layer, through :mod:`innersight.attention`; no layer eve
 full attention matrix, and for rel-att the forward pass stops right after that layer.
 
 From per-position values to a grid over the image (:func:`grid_projection`), as the adapter
-says (:meth:`innersight.adapters.base.Adapter.token_grid`; no family is named here):
+says (:meth:`innersight.adapters.base.Adapter.token_grid`; no code here depends on the family):
 
 * **patch tokens** (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL): each image token is one cell of a
   grid view (``GridView.token_index``); the map is the values scattered onto that grid.
