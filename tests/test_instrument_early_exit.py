@@ -351,6 +351,7 @@ def test_text_only_refuses_unknown_family():
     class Fake:
         class adapter:  # noqa: N801
             family = "blip3"
+            text_only_module = None  # the adapter knows no text-only path
 
     with pytest.raises(MethodError, match="no text-only"):
         ee.text_only_model(Fake())

@@ -7,15 +7,18 @@ adapter. An adapter wraps a loaded model and its processor and answers
 * how many layers / heads / KV heads the decoder has;
 * how to format a prompt with one or more images, and how to batch inputs (left padding);
 * which sequence positions hold each image's tokens and which pixel region of the original
-  image each token covers (:class:`ImageLayout`).
+  image each token covers (:class:`ImageLayout`);
+* the text and map facet: which module generates without an image, how the image tokens land on
+  an image grid (:class:`TokenGrid`), and whether a prompt's prefix may be encoded once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,6 +50,28 @@ class ImageLayout:
     @property
     def num_tokens(self) -> int:
         return int(self.positions.numel())
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How one image's language-model tokens land on an image grid (:meth:`Adapter.token_grid`).
+
+    ``weights`` None: each token is one cell of ``view`` (``view.token_index``; patch tokens).
+    Otherwise ``[T_img, rows * cols]`` fp32 (``T_img`` the image's tokens in layout order, the
+    cells row-major over ``view``): a value per token maps to the grid as ``values @ weights``
+    (InstructBLIP: each query token's cross-attention over the ViT patches)."""
+
+    view: GridView
+    weights: torch.Tensor | None = None
+
+
+def token_grid_view(layout: ImageLayout) -> GridView:
+    """The view a token map is drawn on: the finest of ``layout``'s views whose cells are
+    language-model tokens (LLaVA-NeXT: the high-resolution view rather than the base view)."""
+    views = [v for v in layout.views if v.token_index is not None]
+    if not views:
+        raise MethodError("this model's image tokens do not form a patch grid; use a family-specific map")
+    return max(views, key=lambda v: v.rows * v.cols)
 
 
 @dataclass
@@ -373,6 +398,63 @@ class Adapter(ABC):
     @abstractmethod
     def views(self, batch: Batch, image_index: int, size: tuple[int, int]) -> tuple[GridView, ...]:
         """The grid views of image ``image_index`` (flat over the batch) of original ``size``."""
+
+    # ------------------------------------------------------------------ text and map facet
+    # (text-only forward, image tokens on the grid, prefix sharing)
+    # What the instruments (prior-overlap, attention-ratio), ViCrop's maps (look/maps.py,
+    # look/prefix.py) ask beyond the modules above (decoder_layers, final_norm, lm_head; DeCo and
+    # DoLa read only those). The base answers for the common convention: a whole model that runs
+    # without pixels, one language-model token per grid cell, no prefix sharing (opt-in, since a
+    # wrong yes gives silently wrong maps).
+
+    @property
+    def text_only_module(self) -> Any:
+        """The module that generates from a prompt holding no image token (``input_ids``,
+        ``attention_mask`` only); None where the family has no text-only path (refused with a clear
+        error). Used by the prior-overlap instrument (:func:`innersight.instruments.early_exit.generate_without_image`).
+
+        The base: the whole model, whose forward skips the vision path when no ``pixel_values``
+        are given. A family whose forward requires an image returns its language model."""
+        return self.model
+
+    @property
+    def token_grid_blocks(self) -> int:
+        """How many blocks :meth:`token_grid` can read its image-token -> grid weights from: 0
+        where the image tokens are grid cells themselves (any ``block`` is ignored). Callers check
+        a user's block against it before any work (the attention-ratio instrument)."""
+        return 0
+
+    @contextlib.contextmanager
+    def token_grid(self, block: int = 2) -> Iterator[Callable[[Batch, int], TokenGrid]]:
+        """How the language-model tokens of each sample's first image land on an image grid:
+        yields ``locate(batch, b) -> TokenGrid`` for sample ``b``. ViCrop's rel-att / grad-att maps
+        and the attention-ratio instrument project per-position values through it
+        (:func:`innersight.look.maps.grid_projection`).
+
+        Forwards of the model must run *inside* the block where a family records the weights
+        during the forward (``locate`` then reads the latest forward); ``locate`` may be called
+        inside or after the block. ``block`` chooses where such weights are read (an index into
+        :attr:`token_grid_blocks`, negative from the end); a bad block is a clear
+        :class:`MethodError`.
+
+        The base (patch tokens): each image token is one cell of the finest view whose cells are
+        tokens (:func:`token_grid_view`); no weights, nothing recorded, ``block`` ignored."""
+
+        def locate(batch: Batch, b: int) -> TokenGrid:
+            return TokenGrid(token_grid_view(batch.layouts[b][0]))
+
+        yield locate
+
+    @property
+    def prefix_image_inputs(self) -> tuple[str, ...]:
+        """The batch inputs that carry the images when a prompt's common prefix (holding every
+        image token) may be encoded once and continued from its KV cache by several prompts
+        (ViCrop rel-att's question / generic pair, :mod:`innersight.look.prefix`); each holds one
+        row per image (first dimension). Only families whose text positions are plain counts of
+        the attention mask and whose image features do not read the prompt qualify.
+
+        The base: empty, the family cannot share a prefix (the caller runs the joint batch)."""
+        return ()
 
     def decoder_hidden_states(self, outputs: Any) -> tuple[torch.Tensor, ...]:
         """The decoder's ``hidden_states`` from a forward with ``output_hidden_states=True``:

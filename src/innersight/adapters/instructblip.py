@@ -42,12 +42,12 @@ Facts read from transformers 5.x:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MethodError, UnsupportedModelError, UserInputError
 from ..prompts import split_answer_format
-from .base import Adapter, Batch
+from .base import Adapter, Batch, TokenGrid
 from .geometry import GridView, processed_region
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -237,6 +237,36 @@ class InstructBlipAdapter(Adapter):
         first image ``[3, S, S]`` and its ``vit_patches`` view (BLIP stretches the whole image)."""
         first = sum(len(sizes) for sizes in batch.image_sizes[:sample])
         return tensor[first], batch.layouts[sample][0].views[0]
+
+    # ------------------------------------------------------------------ text and map facet
+    @property
+    def text_only_module(self) -> Any:
+        """The language model alone (``causal_lm``, e.g. Vicuna): the whole model's forward
+        requires an image, since its language model sees images only through the Q-Former
+        queries."""
+        return self.causal_lm
+
+    @property
+    def token_grid_blocks(self) -> int:
+        """The Q-Former's cross-attention blocks (:attr:`qformer_cross_attention_layers`)."""
+        return len(self.qformer_cross_attention_layers)
+
+    @contextlib.contextmanager
+    def token_grid(self, block: int = 2) -> Iterator[Callable[[Batch, int], TokenGrid]]:
+        """The ``num_query_tokens`` LM tokens are learned queries, not patches: each reaches the
+        ViT patch grid (the ``vit_patches`` view) through its cross-attention at Q-Former
+        cross-attention block ``block`` (:meth:`record_query_patch_attention`: heads averaged,
+        CLS column dropped), weights ``[Q, P]`` of the latest forward inside the block. ViCrop's
+        two-stage map (arXiv 2502.17422; block 2 in the reference code)."""
+        with self.record_query_patch_attention(block) as records:
+
+            def locate(batch: Batch, b: int) -> TokenGrid:
+                if not records:
+                    raise RuntimeError("no Q-Former cross-attention was recorded: the model did not run")
+                first = sum(len(sizes) for sizes in batch.image_sizes[:b])  # sample b's first image, flat
+                return TokenGrid(batch.layouts[b][0].views[0], records[-1][first])  # [Q, P]
+
+            yield locate
 
     # ------------------------------------------------------------------ Q-Former cross-attention
     def qformer_cross_attention_module(self, block: int) -> Any:

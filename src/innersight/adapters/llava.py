@@ -17,7 +17,8 @@ from .geometry import GridView, processed_region, row_major_index
 
 class LlavaModules:
     """Module accessors shared by the LLaVA families (``model.model.{vision_tower,
-    multi_modal_projector, language_model}``) and llava-hf's prompt template."""
+    multi_modal_projector, language_model}``), llava-hf's prompt template and their text and map
+    facet (prefix sharing)."""
 
     model: Any
     # llava-hf's documented prompt format, no system prompt (LLaVA-NeXT's reference; LLaVA-1.5
@@ -35,6 +36,14 @@ class LlavaModules:
     @property
     def projector(self) -> Any:
         return self.model.model.multi_modal_projector
+
+    # ------------------------------------------------------------------ text and map facet
+    @property
+    def prefix_image_inputs(self) -> tuple[str, ...]:
+        """Prompt positions are plain counts and the CLIP features do not read the prompt, so a
+        common prefix may be encoded once: the images travel in ``pixel_values`` (one row per
+        image) and, for LLaVA-NeXT, ``image_sizes`` (one ``(height, width)`` row per image)."""
+        return ("pixel_values", "image_sizes")
 
     # ------------------------------------------------------------------ vision facet
     # CLIP ViT: [CLS] + patches per image (LLaVA-NeXT: per tile), ``self_attn`` with q_proj /

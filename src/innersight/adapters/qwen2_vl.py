@@ -223,6 +223,12 @@ class Qwen2VLAdapter(Adapter):
         pixels = pixels.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, h * ps, w * ps)  # [C, H, W]
         return pixels, batch.layouts[sample][0].views[0]
 
+    # ------------------------------------------------------------------ text and map facet
+    # The base's answers hold: the whole model generates without pixels (no image_grid_thw then),
+    # each merged token is one cell of the merged grid (token_grid), and no prefix sharing
+    # (prefix_image_inputs empty): positions are M-RoPE (:meth:`prompt_positions`), not plain
+    # counts of the mask, so a suffix cannot continue a prefix's cache with counted positions.
+
     # ------------------------------------------------------------------ vision-tower order
     def vision_patch_range(self, batch: Batch, image_index: int) -> tuple[int, int]:
         """(start, stop) rows of image ``image_index`` in the vision tower's sequence (all images

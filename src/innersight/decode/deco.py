@@ -37,6 +37,9 @@ SOURCE = "arXiv 2410.11779 (DeCo, ICLR 2025), implementation details; specs/deco
 #: the preceding-layer range (1-based ``hidden_states`` indices, inclusive) as fractions of the
 #: decoder depth. LLaVA-1.5-7B: layers 20..28 of 32 (paper); InstructBLIP Vicuna-7B: 15..24 of 32
 #: (authors' hint). LLaVA-NeXT shares LLaVA-1.5's language model family; no range is published.
+#: Published data keyed by family name (kept beside its source rather than in the adapters): a
+#: lookup, not a branch; other families take :data:`DEFAULT_LAYER_FRACTION`, any family
+#: ``layers=`` from the user.
 PAPER_LAYER_FRACTIONS: dict[str, tuple[float, float]] = {
     "llava": (20 / 32, 28 / 32),
     "llava_next": (20 / 32, 28 / 32),

@@ -17,10 +17,12 @@ LLMs" (ICLR 2025) rests on two findings, each an instrument here:
    the first answer token). Its attention probabilities at that layer, averaged over heads, are
    read through :mod:`innersight.attention` handlers (one row per layer, never a full attention
    matrix), and projected onto the image grid exactly as ViCrop's maps are
-   (:func:`innersight.look.maps.grid_projection`): patch-token families scatter the image tokens'
-   values onto their finest token grid (LLaVA-NeXT: the high-resolution tiles; the base view's
-   tokens are not part of the map), InstructBLIP multiplies the LM attention over its Q-Former
-   queries by the queries' cross-attention over the ViT patches (``qformer_block``).
+   (:func:`innersight.look.maps.grid_projection`, as the adapter's
+   :meth:`~innersight.adapters.base.Adapter.token_grid` says): patch-token families scatter the
+   image tokens' values onto their finest token grid (LLaVA-NeXT: the high-resolution tiles; the
+   base view's tokens are not part of the map), InstructBLIP multiplies the LM attention over its
+   Q-Former queries by the queries' cross-attention over the ViT patches (``qformer_block``, the
+   option's name users know; the adapter decides what it means).
 2. The grid spans ``view.region`` of the original image (it may extend past the image as padding
    or cover only a centre crop); only the *visible* part ``V = region ∩ image`` counts. The
    ground-truth box is clipped to ``V``; a box with no area left was never shown to the model and
@@ -277,11 +279,12 @@ def layer_attention(mllm: Any, batch: Batch) -> torch.Tensor:
     return torch.stack(rows, dim=1)  # [B, n_layers, L]
 
 
-def layer_maps(mllm: Any, batch: Batch, qformer_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
-    """Per sample of ``batch``: (maps [n_layers, rows, cols] over its first image, the view)."""
+def layer_maps(mllm: Any, batch: Batch, grid_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
+    """Per sample of ``batch``: (maps [n_layers, rows, cols] over its first image, the view);
+    ``grid_block`` as :func:`innersight.look.maps.grid_projection` takes it."""
     from ..look.maps import grid_projection
 
-    with grid_projection(mllm.adapter, qformer_block) as project:
+    with grid_projection(mllm.adapter, grid_block) as project:
         rows = layer_attention(mllm, batch)  # [B, n_layers, L]
         out = []
         for b in range(len(batch)):
@@ -299,13 +302,15 @@ def _check_common(batch_size: int, max_new_tokens: int) -> None:
 
 
 def _check_qformer_block(adapter: Any, block: int) -> None:
-    """Query-token families only: ``block`` must index one of the Q-Former's cross-attention blocks."""
-    layers = getattr(adapter, "qformer_cross_attention_layers", None)
-    if layers is None:
+    """Before any work: ``block`` (the user's ``qformer_block``) must index one of the blocks the
+    adapter's token grid reads from (:attr:`~innersight.adapters.base.Adapter.token_grid_blocks`);
+    an adapter with none ignores it."""
+    count = adapter.token_grid_blocks
+    if count == 0:
         return
-    if isinstance(block, bool) or not -len(layers) <= block < len(layers):
-        raise UserInputError(f"qformer_block {block} does not exist: this model's Q-Former has {len(layers)} "
-                             f"cross-attention block(s); pass --option qformer_block=<0..{len(layers) - 1}>")
+    if isinstance(block, bool) or not isinstance(block, int) or not -count <= block < count:
+        raise UserInputError(f"qformer_block {block} does not exist: this model's image-token map reads "
+                             f"{count} cross-attention block(s); pass --option qformer_block=<0..{count - 1}>")
 
 
 def _answer(mllm: Any, images: list[Any], questions: list[str], template: str, max_new_tokens: int) -> list[str]:

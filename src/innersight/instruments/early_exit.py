@@ -42,11 +42,13 @@ decoding for hallucination mitigation", ICLR 2025):
     that lists everything would make the first share meaningless), and the most frequent
     hallucinated objects.
 
-    Text-only path: LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL run the whole model with no
-    ``pixel_values`` (their forwards skip the vision path; the prompt holds no image token).
-    InstructBLIP's forward requires an image — its language model sees images only through the
-    Q-Former queries — so its language model (``adapter.causal_lm``, e.g. Vicuna) runs alone on the
-    same prompt without query placeholders. Any other family is refused with a clear error.
+    Text-only path: the module the adapter names
+    (:attr:`~innersight.adapters.base.Adapter.text_only_module`). LLaVA-1.5, LLaVA-NeXT, Qwen2-VL
+    and Qwen2.5-VL run the whole model with no ``pixel_values`` (their forwards skip the vision
+    path; the prompt holds no image token). InstructBLIP's forward requires an image — its
+    language model sees images only through the Q-Former queries — so its language model (e.g.
+    Vicuna) runs alone on the same prompt without query placeholders. A family whose adapter
+    names none is refused with a clear error.
 
 Both leave the model unchanged: hooks are removed when their context exits, also after errors.
 """
@@ -80,9 +82,6 @@ if TYPE_CHECKING:  # pragma: no cover
 SOURCE = "arXiv 2410.11779 (DeCo), Sec. 3"
 YES_NO = ("yes", "no")
 PARSERS = ("auto", "micro", "chair")
-#: families whose whole model runs without pixel_values, and those whose language model runs alone
-TEXT_ONLY_WHOLE_MODEL = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-TEXT_ONLY_LANGUAGE_MODEL = ("instructblip",)
 
 
 # ====================================================================== shared building blocks
@@ -408,13 +407,13 @@ def measure_early_exit(
 
 # ====================================================================== no-image prior overlap
 def text_only_model(mllm: Any) -> Any:
-    """The module that generates from a prompt without image (see the module docstring)."""
-    family = mllm.adapter.family
-    if family in TEXT_ONLY_WHOLE_MODEL:
-        return mllm.model
-    if family in TEXT_ONLY_LANGUAGE_MODEL:
-        return mllm.adapter.causal_lm
-    raise MethodError(f"prior-overlap: no text-only (no-image) path is known for the {family!r} family")
+    """The module that generates from a prompt without image, as the adapter names it (see the
+    module docstring); a clear error where it names none."""
+    module = mllm.adapter.text_only_module
+    if module is None:
+        raise MethodError(f"prior-overlap: no text-only (no-image) path is known for the "
+                          f"{mllm.adapter.family!r} family")
+    return module
 
 
 def _cut(ids: Sequence[int], stop: set[int]) -> list[int]:

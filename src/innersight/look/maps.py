@@ -4,19 +4,21 @@ Attention is read only where it is needed: the attending (last prompt) position'
 the keys of one decoder layer, through :mod:`innersight.attention`; no layer ever materialises a
 full attention matrix, and for rel-att the forward pass stops right after that layer.
 
-From per-position values to a grid over the image (:func:`grid_projection`):
+From per-position values to a grid over the image (:func:`grid_projection`), as the adapter
+says (:meth:`innersight.adapters.base.Adapter.token_grid`; no code here depends on the family):
 
 * **patch tokens** (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL): each image token is one cell of a
   grid view (``GridView.token_index``); the map is the values scattered onto that grid.
 * **query tokens** (InstructBLIP): the language model sees ``num_query_tokens`` Q-Former queries,
   not patches. The map is two-stage, as in the paper: the values at the query positions
-  (``1 x Q``) times the Q-Former cross-attention of those queries over the ViT patches
-  (``Q x P``, heads averaged, CLS column dropped) at cross-attention block ``qformer_block``
-  -> ``1 x P`` -> the ``vit_patches`` grid. (The released code slices 256 LM positions instead of
-  the 32 queries and crashes; the intended slice is the queries.) Adapters that offer this have a
-  ``record_query_patch_attention(block)`` context manager
-  (:meth:`innersight.adapters.instructblip.InstructBlipAdapter.record_query_patch_attention`);
-  the choice is made by that capability, not by family name.
+  (``1 x Q``) times the adapter's weights of those queries over the ViT patches (``Q x P``: the
+  Q-Former cross-attention, heads averaged, CLS column dropped, at cross-attention block
+  ``grid_block``) -> ``1 x P`` -> the ``vit_patches`` grid. (The released code slices 256 LM
+  positions instead of the 32 queries and crashes; the intended slice is the queries.)
+
+``grid_block`` is the neutral internal name of what users set as ``qformer_block`` (ViCrop's
+config field and the attention-ratio option keep that name, the one users know); adapters whose
+image tokens are grid cells ignore it.
 
 For grad-att on query tokens the gradient flows to the language-model stage only: the values at
 the query positions are ``A ⊙ ReLU(dv/dA)`` of the LM attention row, and the Q-Former
@@ -35,10 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters.base import Batch, ImageLayout
+from ..adapters.base import Batch, ImageLayout, TokenGrid, token_grid_view
 from ..adapters.geometry import GridView
 from ..attention import StopForward, layer_handlers, row_probabilities, sdpa_forward
-from ..errors import MethodError
 from ..generation_calls import last_logits_kwargs
 
 
@@ -75,12 +76,8 @@ class AttentionCapture:
         return out, weights
 
 
-def map_view(layout: ImageLayout) -> GridView:
-    """The view a map is drawn on: the finest view whose cells are language-model tokens."""
-    views = [v for v in layout.views if v.token_index is not None]
-    if not views:
-        raise MethodError("this model's image tokens do not form a patch grid; use a family-specific map")
-    return max(views, key=lambda v: v.rows * v.cols)
+#: the view a map is drawn on: the finest view whose cells are language-model tokens
+map_view = token_grid_view
 
 
 def token_map(values: torch.Tensor, layout: ImageLayout, view: GridView) -> np.ndarray:
@@ -94,45 +91,37 @@ def token_map(values: torch.Tensor, layout: ImageLayout, view: GridView) -> np.n
 Projection = Callable[[torch.Tensor, Batch, int], tuple[np.ndarray, GridView]]
 
 
-def project_patch_tokens(values: torch.Tensor, batch: Batch, b: int) -> tuple[np.ndarray, GridView]:
-    """Sample ``b``'s first image: ``values`` at its image tokens on its finest token grid."""
-    layout = batch.layouts[b][0]
-    view = map_view(layout)
-    return token_map(values, layout, view), view
-
-
-def first_image_index(batch: Batch, b: int) -> int:
-    """Index (flat over the batch's images, in batch order) of sample ``b``'s first image."""
-    return sum(len(sizes) for sizes in batch.image_sizes[:b])
+def weighted_map(values: torch.Tensor, layout: ImageLayout, grid: TokenGrid) -> np.ndarray:
+    """Per-position values [L] through ``grid.weights`` [T_img, rows * cols]: the image tokens'
+    values times their weights over the cells, [rows, cols] float64."""
+    view, weights = grid.view, grid.weights
+    assert weights is not None
+    tokens = values[layout.positions].double()  # [T_img]
+    if tokens.numel() != weights.shape[0]:
+        raise RuntimeError(f"{tokens.numel()} image-token positions but {weights.shape[0]} weight rows")
+    if weights.shape[1] != view.rows * view.cols:
+        raise RuntimeError(f"{weights.shape[1]} weight columns for a {view.rows}x{view.cols} view")
+    cells = tokens @ weights.to(tokens.device).double()  # [rows * cols]
+    return cells.reshape(view.rows, view.cols).cpu().numpy()
 
 
 @contextlib.contextmanager
-def grid_projection(adapter: Any, qformer_block: int = 2) -> Iterator[Projection]:
-    """The projection of per-position values onto the image grid for ``adapter``'s family.
+def grid_projection(adapter: Any, grid_block: int = 2) -> Iterator[Projection]:
+    """The projection of per-position values onto each sample's first image grid, as
+    ``adapter.token_grid(grid_block)`` locates the image tokens there.
 
-    Forwards of the model must run *inside* the block (query-token families record the Q-Former
-    cross-attention during the forward); the projection may be called inside or after it and
-    uses the last recorded forward.
+    Forwards of the model must run *inside* the block (an adapter may record its weights during
+    the forward); the projection may be called inside or after it and uses the last recorded
+    forward.
     """
-    record = getattr(adapter, "record_query_patch_attention", None)
-    if record is None:
-        yield project_patch_tokens
-        return
-    with record(qformer_block) as records:
+    with adapter.token_grid(grid_block) as locate:
 
         def project(values: torch.Tensor, batch: Batch, b: int) -> tuple[np.ndarray, GridView]:
-            if not records:
-                raise RuntimeError("no Q-Former cross-attention was recorded: the model did not run")
-            cross = records[-1][first_image_index(batch, b)]  # [Q, P]
             layout = batch.layouts[b][0]
-            view = layout.views[0]
-            queries = values[layout.positions].double()  # [Q] the LM stage over the query positions
-            if queries.numel() != cross.shape[0]:
-                raise RuntimeError(f"{queries.numel()} query positions but {cross.shape[0]} recorded queries")
-            if cross.shape[1] != view.rows * view.cols:
-                raise RuntimeError(f"{cross.shape[1]} recorded patches for a {view.rows}x{view.cols} view")
-            patches = queries @ cross.to(queries.device).double()  # [P]
-            return patches.reshape(view.rows, view.cols).cpu().numpy(), view
+            grid = locate(batch, b)
+            if grid.weights is None:
+                return token_map(values, layout, grid.view), grid.view
+            return weighted_map(values, layout, grid), grid.view
 
         yield project
 
@@ -162,15 +151,15 @@ def pair_capture(mllm: Any, batch: Batch, layer: int) -> torch.Tensor | None:
     return shared_prefix_capture(mllm, batch, len(batch) // 2, layer, capture.handler, lambda: capture.probs)
 
 
-def attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2,
+def attention_maps(mllm: Any, batch: Batch, layer: int, *, grid_block: int = 2,
                    pairs: bool = False) -> list[tuple[np.ndarray, GridView]]:
     """Head-averaged attention of each row's last position over its first image: (map, view).
 
-    ``qformer_block``: the Q-Former cross-attention block of the second stage (query-token
-    families only; see the module docstring). ``pairs``: rows ``i`` and ``B/2 + i`` share an
+    ``grid_block``: where the adapter reads its image-token -> grid weights (the user's
+    ``qformer_block``; see the module docstring). ``pairs``: rows ``i`` and ``B/2 + i`` share an
     image and a prompt prefix, encoded once where the family allows (:func:`pair_capture`).
     """
-    with grid_projection(mllm.adapter, qformer_block) as project:
+    with grid_projection(mllm.adapter, grid_block) as project:
         probs = pair_capture(mllm, batch, layer) if pairs else None
         if probs is None:
             probs = forward_capture(mllm, batch, layer, stop_after=True)  # [B, H, L]
@@ -223,15 +212,15 @@ def grad_from(module: Any, model: Any) -> Iterator[None]:
         torch.set_grad_enabled(previous)
 
 
-def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, qformer_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
+def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, grid_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
     """grad-att: A ⊙ ReLU(dv/dA) at ``layer``, head-averaged, one pass with the question only.
 
-    For query-token families this is the LM stage; the Q-Former stage multiplies it as it is
-    (see the module docstring).
+    Where the adapter's image tokens reach the grid through weights (query tokens) this is the
+    LM stage; the weights multiply it as they are (see the module docstring).
     """
     capture = AttentionCapture(layer, stop_after=False, keep_graph=True)
     adapter = mllm.adapter
-    with grid_projection(adapter, qformer_block) as project, grad_from(adapter.decoder_layers[layer], mllm.model), \
+    with grid_projection(adapter, grid_block) as project, grad_from(adapter.decoder_layers[layer], mllm.model), \
             layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
         # the lm_head at the last position only: v reads nothing else
         logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]

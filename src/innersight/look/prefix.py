@@ -21,10 +21,13 @@ The attention row read at the last position is then scattered back onto the join
 positions, so the projection onto the image grid (the batch's layouts) is unchanged. The maps
 equal the joint batch's up to float rounding (``tests/look/test_vicrop_cost.py``).
 
-Only for inputs whose text positions are plain counts and whose image features do not depend on
-the prompt: ``input_ids``, ``attention_mask``, ``pixel_values`` and ``image_sizes`` (LLaVA-1.5,
-LLaVA-NeXT). Qwen2-VL's multimodal rotary positions and InstructBLIP's Q-Former (its query
-tokens read the prompt, so the "image" differs between the rows) take the joint batch.
+Only for families whose text positions are plain counts and whose image features do not depend
+on the prompt: the adapter says so by naming the inputs that carry the images
+(:attr:`~innersight.adapters.base.Adapter.prefix_image_inputs`; LLaVA-1.5 and LLaVA-NeXT:
+``pixel_values``, ``image_sizes``). Other families take the joint batch (Qwen2-VL's multimodal
+rotary positions; InstructBLIP's Q-Former, whose query tokens read the prompt so that the
+"image" differs between the rows), and so does a batch holding any input beyond the ids, the
+mask and the named image inputs (this path would not know how to split it).
 """
 
 from __future__ import annotations
@@ -37,9 +40,8 @@ from ..adapters.base import Batch
 from ..attention import StopForward, layer_handlers
 from ..generation_calls import cache_argument
 
-#: the batch inputs this path understands; any other key (image_grid_thw, qformer_input_ids...)
-#: means the joint batch
-SHAREABLE_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values", "image_sizes"})
+#: the text inputs this path rebuilds itself (prefix and suffix ids, masks, positions)
+TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 
 def _stop(*args: Any, **kwargs: Any) -> Any:
@@ -75,8 +77,11 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
     recorded ([2n, H, Lk] over the suffix pass's keys).
     """
     inputs = batch.inputs
-    if n < 1 or len(batch) != 2 * n or set(inputs) - SHAREABLE_INPUTS or "attention_mask" not in inputs:
+    image_keys = frozenset(mllm.adapter.prefix_image_inputs)
+    if not image_keys or n < 1 or len(batch) != 2 * n or "attention_mask" not in inputs:
         return None
+    if set(inputs) - TEXT_INPUTS - image_keys:
+        return None  # an input the family did not declare: the joint batch
     ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()  # [2n, L]
     length = ids.shape[1]
     starts = [int(length - mask[r].sum()) for r in range(2 * n)]  # left padding of each row
@@ -111,7 +116,7 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
 
     cache = DynamicCache()
     name = cache_argument(model.forward)
-    image_inputs = {k: v[:n] for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+    image_inputs = {k: v[:n] for k, v in inputs.items() if k in image_keys}  # one row per image: the first n
     decoder_layers = mllm.adapter.decoder_layers
     with torch.inference_mode():
         with layer_handlers(model, decoder_layers, {layer: _stop}):

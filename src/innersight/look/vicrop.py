@@ -37,9 +37,15 @@ PAPER_BENCHMARKS = ("textvqa", "vstar", "pope", "docvqa", "aokvqa", "gqa", "vqav
 _CODE = "arXiv 2502.17422 reference code (run.py, utils.process_data)"
 
 #: reference layer as a fraction of decoder depth: LLaVA-1.5 layer 14 of 32 (0-based), the
-#: reference code's choice; Qwen2.5-VL 22 of 36; InstructBLIP's LM layer 15 of 32.
+#: reference code's choice; Qwen2.5-VL 22 of 36; InstructBLIP's LM layer 15 of 32. Published data
+#: keyed by family name (the papers' settings, kept beside their source rather than in the
+#: adapters): a lookup, not a branch; a family the papers did not evaluate takes
+#: :data:`FALLBACK_LAYER_FRACTION`, and any family takes ``layer=`` from the user.
 DEFAULT_LAYER_FRACTION = {"llava": 14 / 32, "llava_next": 14 / 32, "instructblip": 15 / 32,
                           "qwen2_vl": 22 / 36, "qwen2_5_vl": 22 / 36}
+#: any other family: a little below the middle of the decoder, between LLaVA-1.5's 14/32 (0.44)
+#: and InstructBLIP's 15/32 (0.47) reference layers
+FALLBACK_LAYER_FRACTION = 0.45
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,9 @@ class ViCropConfig:
     #: over the union of its tiles), and no epsilon
     official: bool = False
     #: InstructBLIP's second stage: index into the Q-Former's cross-attention blocks (block 2 is
-    #: Q-Former layer 4 of the released checkpoints); families whose image tokens are patches ignore it
+    #: Q-Former layer 4 of the released checkpoints); families whose image tokens are patches ignore it.
+    #: The name is the one users know; the maps take it as the neutral ``grid_block`` of
+    #: :meth:`innersight.adapters.base.Adapter.token_grid`, which decides what it means
     qformer_block: int = field(default=2, metadata={"source": "arXiv 2502.17422 reference code (InstructBLIP)"})
     #: high-resolution mode: split images into tiles at most this many pixels high (V*Bench: 1024)
     #: and stitch the tiles' maps; None (default) maps the whole image at once
@@ -116,13 +124,13 @@ class ViCropConfig:
             if not 0 <= self.layer < adapter.num_layers:
                 raise MethodError(f"vicrop layer {self.layer} outside 0..{adapter.num_layers - 1}")
             return self.layer
-        fraction = DEFAULT_LAYER_FRACTION.get(adapter.family, 0.45)
+        fraction = DEFAULT_LAYER_FRACTION.get(adapter.family, FALLBACK_LAYER_FRACTION)
         return min(adapter.num_layers - 1, round(fraction * adapter.num_layers))
 
     def resolve_base_size(self, adapter: Any) -> int:
         if self.base_size is not None:
             return self.base_size
-        return int(getattr(adapter, "crop_base_size", 224))
+        return int(adapter.crop_base_size)
 
 
 def map_prompt(question: str, config: ViCropConfig) -> str:
@@ -176,7 +184,7 @@ def single_image_maps(mllm: Any, images: list[Any], questions: list[str], config
     if config.variant == "rel-att":
         # the question and the generic prompt run as one batch
         batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
-        pairs = M.attention_maps(mllm, batch, layer, qformer_block=config.qformer_block,
+        pairs = M.attention_maps(mllm, batch, layer, grid_block=config.qformer_block,
                                  pairs=config.shared_prefix)
         out = []
         for i in range(n):
@@ -186,7 +194,7 @@ def single_image_maps(mllm: Any, images: list[Any], questions: list[str], config
     if config.variant == "grad-att":
         batch = mllm.prepare(list(images), list(questions), template=template)
         return [(m, view, {"grad-att": m})
-                for m, view in M.grad_attention_maps(mllm, batch, layer, qformer_block=config.qformer_block)]
+                for m, view in M.grad_attention_maps(mllm, batch, layer, grid_block=config.qformer_block)]
     from .pure_grad import pure_grad_maps
 
     return pure_grad_maps(mllm, images, questions, config, template=template, generic=generic)
