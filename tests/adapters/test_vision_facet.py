@@ -23,14 +23,19 @@ QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 #: LLaVA: 56 px / patch 14 = 4x4 patches, vision_feature_layer -2 of 2 layers -> layers[0];
 #: LLaVA-NeXT: 28 px tiles, 2x2 patches per tile, -2 of 2 -> layers[0];
 #: InstructBLIP: 32 px / patch 8 = 4x4, the Q-Former reads layers[1], DAMRO one below: layers[0];
-#: Qwen: 90x60 -> smart_resize 84x56 -> a 6x4 patch grid, 3x2 = 6 merged tokens, last block 1
+#: Qwen: 90x60 -> smart_resize 84x56 -> a 6x4 patch grid, 3x2 = 6 merged tokens, last block 1;
+#: LLaVA-OneVision: 42 px tiles / patch 14 = 3x3 patches of SigLIP (no [CLS]), vision_feature_layer
+#: -1 of 2 layers -> layers[1]; the base view is scored, one candidate per base patch
 FACTS = {
     "llava": (2, 0, True, 4, 17, 16),
     "llava_next": (2, 0, True, 4, 5, 4),
     "instructblip": (2, 0, True, 4, 17, 16),
     "qwen2_vl": (2, 1, False, 2, 24, 6),
     "qwen2_5_vl": (2, 1, False, 2, 24, 6),
+    "llava_onevision": (2, 1, False, 4, 9, 9),
 }
+#: families whose vision tower runs a base view and tiles per image (the base view scored)
+TILED = ("llava_next", "llava_onevision")
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
@@ -125,7 +130,7 @@ def test_queries_keys_and_scored_views_by_hand(tiny_mllm, family):
     assert first_len == length  # the 90x60 image's scored view, hand-computed above
     for vq, vk in views:
         assert vq.shape[0] == heads and vq.shape == vk.shape
-    if family == "llava_next":
+    if family in TILED:
         tiles = adapter.tiles_per_image(batch)
         expected = []
         for size in batch.image_sizes:
@@ -204,13 +209,63 @@ def test_candidates_are_the_models_own_tokens_and_the_full_subset_reencodes_to_t
     with torch.no_grad():
         again = adapter.encode_vision_subset(batch, cands)
     for i in range(2):
-        if family == "llava_next":
+        if family in TILED:
             p2 = adapter.patches_per_side ** 2
             torch.testing.assert_close(cands[i], feats[i][:p2])  # the base view leads the packed tokens
             torch.testing.assert_close(again[i], torch.cat([cands[i], adapter.image_newline[None]]))
         else:
             torch.testing.assert_close(cands[i], feats[i])
             torch.testing.assert_close(again[i], cands[i])
+
+
+def test_onevision_multi_image_samples_are_one_vision_row_each_and_features_follow_the_model(tiny_mllm):
+    """LLaVA-OneVision tiles an image only when it is alone in its sample: a two-image sample's
+    images are one vision row each (the padded square), scored and re-encoded on that row, and
+    ``image_features`` (which passes ``batch_num_images``) gives exactly the tokens the model
+    itself splices into the prompt; without ``batch_num_images`` the model would tile them."""
+    mllm = tiny_mllm("llava_onevision")
+    adapter = mllm.adapter
+    batch = mllm.prepare([[_image(0), _image(1, 50, 80)], _image(2, 70, 70)], QUESTIONS)
+    # 70x70 alone: best of the 42-px pinpoints is 84x84 -> 2x2 tiles + the base view
+    tiles = adapter.tiles_per_image(batch)
+    assert tiles == [1, 1, 5]
+    assert adapter.scored_vision_rows(batch, 7).tolist() == [0, 1, 2]
+    module = adapter.vision_attention(adapter.outlier_vision_layer)
+    seen = _capture(mllm, batch, {"attn": module, "lm": adapter.language_model})
+    args, kwargs = seen["attn"]["in"]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    assert hidden.shape[:2] == (7, 9)  # [rows, p*p] every tile of every image, no [CLS]
+    with torch.no_grad():
+        q, k = adapter.vision_query_key(module, hidden, kwargs)
+        views = adapter.vision_attention_per_image(batch, q, k, kwargs)
+        feats = adapter.image_features(batch, batch.inputs["pixel_values"])
+    for view, row in zip(views, [0, 1, 2]):
+        torch.testing.assert_close(view[0], q[row])
+    # the model's own spliced image tokens, read at each layout's positions
+    embeds = seen["lm"]["in"][1]["inputs_embeds"]  # [B, L, D]
+    flat = [(b, lay) for b, row in enumerate(batch.layouts) for lay in row]
+    # shared: 9 + 1 newline each; alone: 9 + the 6x6 high-res grid pooled to 4x4 (anyres_max_2), 4 x (4 + 1)
+    assert [f.shape[0] for f in feats] == [lay.num_tokens for _, lay in flat] == [10, 10, 9 + 20]
+    for f, (b, lay) in zip(feats, flat):
+        torch.testing.assert_close(f, embeds[b, torch.as_tensor(lay.positions)])
+    # a shared sample's image: p*p base tokens, then its one newline (index p*p)
+    newline = adapter.image_newline
+    for i in (0, 1):
+        torch.testing.assert_close(feats[i][9], newline)
+    torch.testing.assert_close(feats[2][:9], embeds[1, torch.as_tensor(flat[2][1].positions)][:9])
+    # without the images per sample the model tiles every image (other token counts)
+    with torch.no_grad():
+        tiled = mllm.model.get_image_features(batch.inputs["pixel_values"], image_sizes=batch.inputs["image_sizes"],
+                                              return_dict=True).pooler_output
+    assert [t.shape[0] for t in tiled][:2] != [10, 10]
+    # candidates from the projector's output: the base rows' tokens; re-encoded with one newline
+    cands = _capture(mllm, batch, {"src": adapter.vision_subset_source},
+                     lambda out: adapter.vision_candidates(batch, out))["src"]["out"]
+    assert [c.shape[0] for c in cands] == [9, 9, 9]
+    again = adapter.encode_vision_subset(batch, [c[:3] for c in cands])
+    for i in range(3):
+        torch.testing.assert_close(cands[i], feats[i][:9])
+        torch.testing.assert_close(again[i], torch.cat([cands[i][:3], newline[None]]))
 
 
 def test_llava_full_strategy_keeps_the_cls_in_front_of_the_candidates(tiny_mllm):

@@ -334,6 +334,44 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return [self.newline_token_indices(size, self.is_tiled(batch, first + i))
                 for i, size in enumerate(batch.image_sizes[sample])]
 
+    # ------------------------------------------------------------------ text and map facet
+    @property
+    def prefix_image_inputs(self) -> tuple[str, ...]:
+        """As LLaVA-NeXT (1D positions, SigLIP features that do not read the prompt), plus
+        ``batch_num_images``: the model tiles an image only when it is alone in its sample, so
+        the prefix pass must say so too. It holds one row per *sample*; the shared-prefix path
+        runs one image per sample (ViCrop's question / generic pair), where that is one row per
+        image (a prefix with more images per sample fails loudly on the image-token count)."""
+        return ("pixel_values", "image_sizes", "batch_num_images")
+
+    # ------------------------------------------------------------------ vision facet
+    # SigLIP: no [CLS] (the base class reads that off the tower's embeddings), so DAMRO and the
+    # outlier-overlap instrument rank the base view's patches by the attention they *receive* at
+    # the layer the projector reads (DAMRO's documented substitute). The base view is 1:1 to the
+    # language model's first ``p*p`` tokens of the image (no pooling there), so one candidate per
+    # patch (the base default). Everything else is LLaVA-NeXT's: the projector's output holds every
+    # candidate, the vision tower runs the base view first, then the tiles; a negative image is its
+    # kept base tokens plus one ``image_newline``. What differs: an image sharing its sample with
+    # others is not tiled (one vision row, then one newline), and ``get_image_features`` must be told
+    # so (``batch_num_images``), else it tiles every image as if alone.
+
+    #: ``get_image_features`` needs each image's size (to pack its tiles) and the images per
+    #: sample (to tile only the images alone in their sample)
+    image_feature_inputs = ("image_sizes", "batch_num_images")
+
+    @property
+    def vision_subset_prefix(self) -> int:
+        """SigLIP has no [CLS]: the ``full`` strategy keeps every patch and nothing precedes them
+        in the projector's output (LLaVA's ``full`` keeps CLIP's [CLS], this one has none)."""
+        return 0
+
+    def tiles_per_image(self, batch: Batch) -> list[int]:
+        """Vision-tower rows of each image (flat): base view plus tiles for an image alone in its
+        sample (``image_size_to_num_patches``, as LLaVA-NeXT), one row (the padded square) for an
+        image that shares its sample (``get_image_features``' ``need_patching``)."""
+        tiles = super().tiles_per_image(batch)
+        return [t if self.is_tiled(batch, i) else 1 for i, t in enumerate(tiles)]
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out["vision_aspect_ratio"] = getattr(self.config, "vision_aspect_ratio", None)
