@@ -237,12 +237,12 @@ def vision_ranking(adapter: Any, reduction: str, layout: Any = None) -> str:
     :class:`~innersight.adapters.base.ImageLayout`, naming the view that is ranked)."""
     layer = int(adapter.outlier_vision_layer)
     where = _layer_relation(adapter, layer)
-    if not adapter.vision_has_cls:
-        return (f"no [CLS] in this vision encoder: DAMRO's substitute, mean attention received per patch at vision "
-                f"block {layer} ({where}, {reduction}), pooled per language-model image token (an extension "
-                f"beyond the paper)")
     views = getattr(layout, "views", ()) or ()
     view = f" ({views[0].name} view)" if len(views) > 1 else ""
+    if not adapter.vision_has_cls:
+        return (f"no [CLS] in this vision encoder: DAMRO's substitute, mean attention received per patch{view} at "
+                f"vision block {layer} ({where}, {reduction}), pooled per language-model image token (an extension "
+                f"beyond the paper)")
     return f"[CLS] attention over the patches{view} at vision layer {layer}, {where} ({reduction})"
 
 
