@@ -22,6 +22,8 @@ from innersight.instruments import outlier_overlap as O
 #: ranked vision tokens per tiny family for a 90x60 image: LLaVA 4x4 patches, LLaVA-NeXT a 2x2 base
 #: view, InstructBLIP 4x4 ViT patches, LLaVA-OneVision a 3x3 base view
 TOKENS = {"llava": 16, "llava_next": 4, "instructblip": 16, "llava_onevision": 9}
+#: families (besides Qwen) whose vision encoder has no [CLS] (SigLIP)
+NO_CLS = ("llava_onevision",)
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
@@ -236,8 +238,9 @@ def test_every_family(tiny_mllm, family):
             assert n == mllm.prepare([_image(0)], ["q"]).layouts[0][0].num_tokens
         assert len(record["h"]) == min(10, n)
         assert all(0.0 <= h <= 1.0 for h in record["h"]) and 0.0 < record["f"] <= 1.0
-    assert numbers["cls"] is (not family.startswith("qwen"))
-    assert ("substitute" in numbers["vision_ranking"]) is family.startswith("qwen")
+    no_cls = family.startswith("qwen") or family in NO_CLS  # Qwen's ViT, SigLIP: DAMRO's substitute
+    assert numbers["cls"] is (not no_cls)
+    assert ("substitute" in numbers["vision_ranking"]) is no_cls
     assert numbers["decoder_layers"] == list(range(mllm.adapter.num_layers))
     assert _hooks(mllm.model) == hooks and text_attention(mllm.model) == impl and _handler_attrs(mllm.model) == 0
     with torch.no_grad():

@@ -17,9 +17,10 @@ from innersight.errors import MethodError
 
 #: what each family's facet answers (the tiny InstructBLIP has 2 Q-Former cross-attention blocks)
 TEXT_ONLY = {"llava": "model", "llava_next": "model", "instructblip": "causal_lm",
-             "qwen2_vl": "model", "qwen2_5_vl": "model"}
-BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0}
-SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": False, "qwen2_5_vl": False}
+             "qwen2_vl": "model", "qwen2_5_vl": "model", "llava_onevision": "model"}
+BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0, "llava_onevision": 0}
+SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": False, "qwen2_5_vl": False,
+                 "llava_onevision": True}
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:

@@ -38,6 +38,8 @@ from innersight.adapters import FAMILIES  # noqa: E402
 K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 3,
      "internvl": 2, "gemma3": 3, "smolvlm": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
+#: families whose negative image ends with one ``image_newline`` token after the kept base tokens
+NEWLINE_FAMILIES = ("llava_next", "llava_onevision")
 
 
 def _settings(family: str, **extra) -> dict:
@@ -317,6 +319,40 @@ def test_qwen_scores_are_received_attention_pooled_per_merged_token(tiny_mllm, i
         assert capture.selected[i].tolist() == expected.topk(2).indices.tolist()
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_onevision_scores_are_received_attention_on_each_images_base_row(tiny_mllm, image, reduction):
+    """LLaVA-OneVision (SigLIP, no [CLS]; an extension beyond the paper): each image's scores are
+    the mean attention its base-view patches receive at the layer the projector reads, from the
+    eager attentions of the vision tower's own batch: tile 0 of an image alone in its sample, the
+    only row of an image that shares its sample (here sample 0 holds two images, sample 1 one)."""
+    mllm = tiny_mllm("llava_onevision")
+    adapter = mllm.adapter
+    batch = mllm.prepare([[image(0), image(1, 50, 80)], image(2, 70, 70)], QUESTIONS)
+    layer = adapter.outlier_vision_layer
+    assert layer == len(adapter.vision_layers) - 1  # vision_feature_layer -1: the last layer
+    assert not adapter.vision_has_cls and DAMROConfig().resolved_reduction("llava_onevision") == "mean_heads"
+    proc = _processor(mllm, batch, k=3, head_reduction=reduction)
+    _generate(mllm, batch, proc, steps=1)
+    capture = proc.contexts[0]
+    pixels = batch.inputs["pixel_values"]  # [3, max_tiles, 3, S, S]
+    base = torch.stack([pixels[0, 0], pixels[1, 0], pixels[2, 0]])  # every image's base (or only) view
+    attn = _eager_vision(adapter.vision_tower, base)[layer]  # [3, H, P, P]
+    heads = attn.shape[1]
+    if reduction == "mean_heads":
+        per_query = attn.mean(1)  # [3, P, P]
+    else:  # one head over the full q/k, per query row
+        per_query = torch.softmax(attn.log().sum(1) / math.sqrt(heads), dim=-1)
+    expected = per_query.mean(1)  # [3, P] mean over the query patches
+    assert len(capture.scores) == 3
+    for i in range(3):
+        assert capture.scores[i].shape == (adapter.patches_per_side ** 2,)
+        torch.testing.assert_close(capture.scores[i], expected[i], atol=1e-5, rtol=1e-4)
+        assert capture.selected[i].tolist() == expected[i].topk(3).indices.tolist()
+    # the negative image: the 3 chosen base tokens, then one newline, per image
+    neg = proc.branch.inputs
+    assert neg.image_tokens == [[4, 4], [4]]
+
+
 # ---------------------------------------------------------------------- the negative branch's inputs
 def _image_features(mllm, batch):
     """The model's own LM tokens of every image of ``batch`` (flat), through get_image_features."""
@@ -336,7 +372,7 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
     _generate(mllm, batch, proc, steps=2)
     neg, capture = proc.branch.inputs, proc.contexts[0]
     image_id = adapter.image_token_id
-    per_image = k + 1 if family == "llava_next" else k
+    per_image = k + 1 if family in NEWLINE_FAMILIES else k
     if family == "instructblip":
         per_image = adapter.num_query_tokens  # the Q-Former's queries, run over the k ViT tokens
     assert neg.image_tokens == [[per_image], [per_image]]
@@ -387,7 +423,7 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
         expected = []
         for i, f in enumerate(feats):
             chosen = f[capture.selected[i]]  # LLaVA-NeXT: the base view comes first in the packed tokens
-            if family == "llava_next":
+            if family in NEWLINE_FAMILIES:
                 chosen = torch.cat([chosen, adapter.image_newline[None]])
             expected.append(chosen)
     for b in range(2):
