@@ -148,6 +148,33 @@ def test_spliced_clean_prompt_reproduces_the_main_branch(tiny_mllm, image, famil
     assert ids == plain  # (1 + a) l - a l = l
 
 
+def test_onevision_multi_image_sample_splices_the_models_own_untiled_tokens(tiny_mllm, image):
+    """LLaVA-OneVision tiles an image only when it is alone in its sample: with a two-image sample
+    in the batch, the spliced clean prompt still reproduces the main branch (the image features
+    are computed with the batch's images per sample), and the noised prompt has each image's
+    token count (``p*p + 1`` for the shared sample's images)."""
+    mllm = tiny_mllm("llava_onevision")
+    batch = mllm.prepare([[image(2), image(3, 50, 80)], image(4, 70, 70)], QUESTIONS)
+    proc = _clean_processor(mllm, batch)
+    seen = []
+    original = ContrastiveProcessor.__call__
+
+    def spy(input_ids, scores):
+        out = original(proc, input_ids, scores)
+        seen.append((scores.clone(), proc.last_negative.clone()))
+        return out
+
+    with proc:
+        ids = mllm.generate(batch, max_new_tokens=3, logits_processor=LogitsProcessorList([spy]))
+    assert seen and ids == mllm.generate(batch, max_new_tokens=3)
+    for scores, negative in seen:
+        torch.testing.assert_close(negative, scores, atol=1e-4, rtol=1e-4)
+    neg = negative_inputs(mllm, batch, VCDConfig(noise_step=500, seed=1))
+    p2 = mllm.adapter.patches_per_side ** 2
+    assert neg.image_tokens[0] == [p2 + 1, p2 + 1]
+    assert neg.image_tokens == [[lay.num_tokens for lay in row] for row in batch.layouts]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_negative_prompt_is_the_prompt_with_noised_image_tokens(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
