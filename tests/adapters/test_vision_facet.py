@@ -218,7 +218,7 @@ def test_candidates_are_the_models_own_tokens_and_the_full_subset_reencodes_to_t
             torch.testing.assert_close(again[i], cands[i])
 
 
-def test_onevision_multi_image_samples_are_one_vision_row_each_and_features_follow_the_model(tiny_mllm):
+def test_llava_onevision_multi_image_samples_are_one_vision_row_each_and_features_follow_the_model(tiny_mllm):
     """LLaVA-OneVision tiles an image only when it is alone in its sample: a two-image sample's
     images are one vision row each (the padded square), scored and re-encoded on that row, and
     ``image_features`` (which passes ``batch_num_images``) gives exactly the tokens the model

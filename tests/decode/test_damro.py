@@ -320,7 +320,7 @@ def test_qwen_scores_are_received_attention_pooled_per_merged_token(tiny_mllm, i
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_onevision_scores_are_received_attention_on_each_images_base_row(tiny_mllm, image, reduction):
+def test_llava_onevision_scores_are_received_attention_on_each_images_base_row(tiny_mllm, image, reduction):
     """LLaVA-OneVision (SigLIP, no [CLS]; an extension beyond the paper): each image's scores are
     the mean attention its base-view patches receive at the layer the projector reads, from the
     eager attentions of the vision tower's own batch: tile 0 of an image alone in its sample, the

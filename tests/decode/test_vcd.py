@@ -148,7 +148,7 @@ def test_spliced_clean_prompt_reproduces_the_main_branch(tiny_mllm, image, famil
     assert ids == plain  # (1 + a) l - a l = l
 
 
-def test_onevision_multi_image_sample_splices_the_models_own_untiled_tokens(tiny_mllm, image):
+def test_llava_onevision_multi_image_sample_splices_the_models_own_untiled_tokens(tiny_mllm, image):
     """LLaVA-OneVision tiles an image only when it is alone in its sample: with a two-image sample
     in the batch, the spliced clean prompt still reproduces the main branch (the image features
     are computed with the batch's images per sample), and the noised prompt has each image's
