@@ -67,7 +67,7 @@ def test_registry_and_modules(adapter: InternVLAdapter) -> None:
     assert adapter.vision_feature_layer == -1 and adapter.projector_vision_layers == (1,)
     assert (adapter.num_layers, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (2, 4, 2, 8)
     assert adapter.image_token_id == adapter.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    assert (adapter.tile_size, adapter.patch_grid, adapter.token_grid, adapter.crop_base_size) == (
+    assert (adapter.tile_size, adapter.patch_grid, adapter.tile_token_grid, adapter.crop_base_size) == (
         (32, 32), (4, 4), (2, 2), 32)
 
 
