@@ -511,8 +511,9 @@ class Adapter(ABC):
         ranks the patches (DAMRO, outlier-overlap). Without one, DAMRO uses its documented
         substitute: the mean attention each token *receives* (an extension beyond the paper).
 
-        Base: the CLIP / BLIP / InternViT convention, a ``class_embedding`` on the vision tower's
-        ``embeddings`` module (SigLIP has none: False).
+        Base: the CLIP / BLIP convention, a ``class_embedding`` on the vision tower's
+        ``embeddings`` module (SigLIP has none: False; InternViT's is a ``cls_token``, its adapter
+        says so).
 
         Raises:
             MethodError: the tower has no ``embeddings`` module, so the family must say.
