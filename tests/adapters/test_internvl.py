@@ -67,7 +67,7 @@ def test_registry_and_modules(adapter: InternVLAdapter) -> None:
     assert adapter.vision_feature_layer == -1 and adapter.projector_vision_layers == (1,)
     assert (adapter.num_layers, adapter.num_heads, adapter.num_kv_heads, adapter.head_dim) == (2, 4, 2, 8)
     assert adapter.image_token_id == adapter.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    assert (adapter.tile_size, adapter.patch_grid, adapter.token_grid, adapter.crop_base_size) == (
+    assert (adapter.tile_size, adapter.patch_grid, adapter.tile_token_grid, adapter.crop_base_size) == (
         (32, 32), (4, 4), (2, 2), 32)
 
 
@@ -329,3 +329,32 @@ def test_vicrop_rel_att_map_lies_on_the_stitched_tiles(tiny_mllm) -> None:
     np.testing.assert_allclose(raw["question"], expected["question"], rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(raw["generic"], expected["generic"], rtol=1e-4, atol=1e-8)
     np.testing.assert_allclose(imap, expected["question"] / (expected["generic"] + 1e-6), rtol=1e-4)
+
+
+def test_vision_query_key_applies_the_qk_norms_of_internvit_6b(adapter: InternVLAdapter) -> None:
+    """InternViT-6B (``use_qk_norm``) normalises queries and keys over the full width before the head
+    split: the q/k the adapter reads, with the values and output projection added by hand, give
+    back the attention module's own output (the tiny tower has no norms, so one is built here)."""
+    import copy
+
+    from transformers.models.internvl.modeling_internvl import InternVLVisionAttention
+
+    config = copy.deepcopy(adapter.config.vision_config)
+    config.use_qk_norm = True
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    module = InternVLVisionAttention(config).eval()
+    with torch.no_grad():
+        module.q_norm.weight.uniform_(0.5, 2.0)
+        module.k_norm.weight.uniform_(0.5, 2.0)
+    hidden = torch.randn(3, 17, config.hidden_size)  # [N, 1 + p*p, Dv]
+    with torch.no_grad():
+        q, k = adapter.vision_query_key(module, hidden, {})  # [N, H, L, d]
+        plain_q = module.q_proj(hidden).view(3, 17, module.num_heads, -1).transpose(1, 2)
+        v = module.v_proj(hidden).view(3, 17, module.num_heads, -1).transpose(1, 2)  # [N, H, L, d]
+        probs = torch.softmax(q @ k.transpose(-1, -2) * module.scale, dim=-1)  # [N, H, L, L]
+        by_hand = module.projection_layer((probs @ v).transpose(1, 2).reshape(hidden.shape))
+        out = module(hidden)[0]
+    assert q.shape == (3, config.num_attention_heads, 17, config.hidden_size // config.num_attention_heads)
+    assert not torch.allclose(q, plain_q)  # the norm took part
+    torch.testing.assert_close(by_hand, out, atol=1e-5, rtol=1e-4)

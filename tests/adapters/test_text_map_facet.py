@@ -17,10 +17,13 @@ from innersight.errors import MethodError
 
 #: what each family's facet answers (the tiny InstructBLIP has 2 Q-Former cross-attention blocks)
 TEXT_ONLY = {"llava": "model", "llava_next": "model", "instructblip": "causal_lm",
-             "qwen2_vl": "model", "qwen2_5_vl": "model", "llava_onevision": "model"}
-BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0, "llava_onevision": 0}
+             "qwen2_vl": "model", "qwen2_5_vl": "model", "llava_onevision": "model", "internvl": "model"}
+BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0, "llava_onevision": 0, "internvl": 0}
 SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": False, "qwen2_5_vl": False,
-                 "llava_onevision": True}
+                 "llava_onevision": True, "internvl": True}
+#: rows of an image input per image where it is not one: InternVL's tiles, a 70x50 image on the tiny
+#: (aspect 1.4: 1x1 and 2x2 both miss by 0.4, 3500 px > half of 2x2 tiles of 32 px -> 2x2 + thumbnail)
+ROWS_PER_IMAGE = {"internvl": 5}
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
@@ -174,8 +177,12 @@ def test_prefix_image_inputs_decide_the_shared_prefix_path(tiny_mllm, family):
         return
     extra = set(batch.inputs) - {"input_ids", "attention_mask"}
     assert extra and extra <= set(declared)  # every image input of the batch is declared
+    rows = ROWS_PER_IMAGE.get(family, 1)
+    first = a.sample_image_inputs(batch, 1)  # what the prefix pass feeds for the first sample
+    assert set(first) == extra
     for key in extra:
-        assert batch.inputs[key].shape[0] == 2  # one row per image
+        assert batch.inputs[key].shape[0] == 2 * rows  # one row per image (InternVL: per tile)
+        torch.testing.assert_close(first[key], batch.inputs[key][:rows])
     shared = pair_capture(mllm, batch, 1)  # [2, H, L]
     joint = forward_capture(mllm, batch, 1, stop_after=True)  # [2, H, L]
     assert shared is not None

@@ -26,6 +26,8 @@ QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 #: Qwen: 90x60 -> smart_resize 84x56 -> a 6x4 patch grid, 3x2 = 6 merged tokens, last block 1;
 #: LLaVA-OneVision: 42 px tiles / patch 14 = 3x3 patches of SigLIP (no [CLS]), vision_feature_layer
 #: -1 of 2 layers -> layers[1]; the base view is scored, one candidate per base patch
+#: InternVL: 32 px tiles / patch 8 = 4x4 patches (+ CLS), vision_feature_layer -1 of 2 -> layers[1],
+#: candidates the global tile's 2x2 pixel-shuffled tokens
 FACTS = {
     "llava": (2, 0, True, 4, 17, 16),
     "llava_next": (2, 0, True, 4, 5, 4),
@@ -33,9 +35,15 @@ FACTS = {
     "qwen2_vl": (2, 1, False, 2, 24, 6),
     "qwen2_5_vl": (2, 1, False, 2, 24, 6),
     "llava_onevision": (2, 1, False, 4, 9, 9),
+    "internvl": (2, 1, True, 2, 17, 4),
 }
 #: families whose vision tower runs a base view and tiles per image (the base view scored)
 TILED = ("llava_next", "llava_onevision")
+#: InternVL tiles (testing/tiny, tests/adapters/test_internvl.py): 90x60 -> 2x2 tiles + thumbnail = 5
+#: rows of pixel_values; 50x80 -> 1x2 tiles + thumbnail = 3; the thumbnail is each image's last row
+INTERNVL_TILES = {(90, 60): 5, (50, 80): 3}
+#: the attribute of a vision layer that holds its self-attention, where it is not ``self_attn``
+ATTENTION_ATTR = {"qwen2_vl": "attn", "qwen2_5_vl": "attn", "internvl": "attention"}
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
@@ -82,7 +90,7 @@ def test_outlier_layer_cls_flag_and_attention_module_by_hand(tiny_mllm, family):
     for i in range(n_layers):
         module = adapter.vision_attention(i)
         block = adapter.vision_layers[i]
-        assert module is (block.attn if family.startswith("qwen") else block.self_attn)
+        assert module is getattr(block, ATTENTION_ATTR.get(family, "self_attn"))
     for bad in (-1, n_layers):
         with pytest.raises(MethodError, match="outside"):
             adapter.vision_attention(bad)
@@ -140,6 +148,12 @@ def test_queries_keys_and_scored_views_by_hand(tiny_mllm, family):
         assert tiles == expected and q.shape[0] == sum(tiles)
         assert adapter.scored_vision_rows(batch, sum(tiles)).tolist() == [0, tiles[0]]
         torch.testing.assert_close(views[1][0], q[tiles[0]])
+    elif family == "internvl":
+        first, second = INTERNVL_TILES[(90, 60)], INTERNVL_TILES[(50, 80)]
+        assert q.shape[0] == first + second  # every tile of both images
+        assert adapter.scored_vision_rows(batch, first + second).tolist() == [first - 1, first + second - 1]
+        torch.testing.assert_close(views[0][0], q[first - 1])  # the thumbnail, each image's last tile
+        torch.testing.assert_close(views[1][0], q[first + second - 1])
     elif cls:
         assert adapter.scored_vision_rows(batch, 2).tolist() == [0, 1]
         torch.testing.assert_close(views[1][0], q[1])
@@ -160,6 +174,13 @@ def test_pooled_scores_per_candidate_by_hand(tiny_mllm, family):
     per_token = torch.arange(length - (1 if adapter.vision_has_cls else 0), dtype=torch.float32)  # [P]
     pooled = adapter.pool_vision_scores(batch, 0, per_token)
     assert pooled.shape == (candidates,)
+    if family == "internvl":
+        # 4x4 patches row-major, pixel shuffle folds each 2x2 block into one token: token (0, 0)
+        # holds patches 0, 1, 4, 5, (0, 1) 2, 3, 6, 7, (1, 0) 8, 9, 12, 13, (1, 1) 10, 11, 14, 15
+        torch.testing.assert_close(pooled, torch.tensor([2.5, 4.5, 10.5, 12.5]))
+        with pytest.raises(MethodError, match="patch scores"):
+            adapter.pool_vision_scores(batch, 0, per_token[:-1])
+        return
     if not family.startswith("qwen"):
         torch.testing.assert_close(pooled, per_token)  # one candidate per patch
         return
@@ -213,6 +234,9 @@ def test_candidates_are_the_models_own_tokens_and_the_full_subset_reencodes_to_t
             p2 = adapter.patches_per_side ** 2
             torch.testing.assert_close(cands[i], feats[i][:p2])  # the base view leads the packed tokens
             torch.testing.assert_close(again[i], torch.cat([cands[i], adapter.image_newline[None]]))
+        elif family == "internvl":
+            torch.testing.assert_close(cands[i], feats[i][-candidates:])  # the thumbnail's tokens come last
+            torch.testing.assert_close(again[i], cands[i])
         else:
             torch.testing.assert_close(cands[i], feats[i])
             torch.testing.assert_close(again[i], cands[i])
@@ -296,6 +320,13 @@ def test_vision_input_index_and_query_patch_blocks(tiny_mllm, family):
     if family.startswith("qwen"):
         # 90x60 -> 6x4 patches = 24 rows; 50x80 -> smart_resize 56x84 -> 4x6 = 24 rows
         assert where == [slice(0, 24), slice(24, 48)] and pixels.shape[0] == 48
+    elif family == "internvl":
+        first, second = INTERNVL_TILES[(90, 60)], INTERNVL_TILES[(50, 80)]
+        assert where == [slice(0, first), slice(first, first + second)] and pixels.shape[0] == first + second
+        alone = mllm.prepare([_image(0)], QUESTIONS[:1])
+        alone.image_sizes = [[(90, 60)], [(90, 60)]]  # two images claimed, one image's tiles of pixels
+        with pytest.raises(MethodError, match=f"pixel_values hold {first} tiles"):
+            adapter.vision_input_index(alone, 0)
     else:
         assert where == [0, 1]
         alone = mllm.prepare([_image(0)], QUESTIONS[:1])

@@ -268,9 +268,10 @@ def test_vision_queries_and_keys_reproduce_the_attention_output(tiny_mllm, image
     with torch.no_grad():
         q, k = adapter.vision_query_key(module, hidden, kwargs)  # [N, H, L, d]
         heads = module.num_heads
-        if hasattr(module, "v_proj"):
+        if hasattr(module, "v_proj"):  # CLIP / SigLIP (out_proj), InternViT (projection_layer)
             v = module.v_proj(hidden).view(*hidden.shape[:2], heads, -1).transpose(1, 2)
-            out = module.out_proj((torch.softmax(q @ k.transpose(-1, -2) * module.scale, -1) @ v)
+            out_proj = module.out_proj if hasattr(module, "out_proj") else module.projection_layer
+            out = out_proj((torch.softmax(q @ k.transpose(-1, -2) * module.scale, -1) @ v)
                                   .transpose(1, 2).reshape(hidden.shape))
         elif hidden.dim() == 3:  # BLIP
             v = module.qkv(hidden).reshape(*hidden.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4)[2]
@@ -422,6 +423,8 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
         feats = _image_features(mllm, batch)
         expected = []
         for i, f in enumerate(feats):
+            if family == "internvl":  # the candidates are the thumbnail's tokens, the image's last tile
+                f = f[-adapter.tokens_per_tile:]
             chosen = f[capture.selected[i]]  # LLaVA-NeXT: the base view comes first in the packed tokens
             if family in NEWLINE_FAMILIES:
                 chosen = torch.cat([chosen, adapter.image_newline[None]])

@@ -105,6 +105,12 @@ def test_each_image_is_noised_independently_of_its_batch(tiny_mllm, image, famil
             start, stop = adapter.vision_patch_range(both, i)
             torch.testing.assert_close(noised[start:stop], single)
             clean = both.inputs["pixel_values"][start:stop]
+        elif family == "internvl":  # the image's tiles: rows [offset, offset + tiles) of [N_tiles, 3, S, S]
+            start = adapter.tile_offset(both, i)
+            stop = start + adapter.num_tiles(both.image_sizes[i][0])
+            assert (stop - start, single.shape[0]) == ((5, 5) if i == 0 else (3, 3))  # 90x60: 2x2 + 1; 50x80: 1x2 + 1
+            torch.testing.assert_close(noised[start:stop], single)
+            clean = both.inputs["pixel_values"][start:stop]
         else:
             torch.testing.assert_close(noised[i], single[0])
             clean = both.inputs["pixel_values"][i]

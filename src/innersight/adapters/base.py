@@ -449,12 +449,22 @@ class Adapter(ABC):
     def prefix_image_inputs(self) -> tuple[str, ...]:
         """The batch inputs that carry the images when a prompt's common prefix (holding every
         image token) may be encoded once and continued from its KV cache by several prompts
-        (ViCrop rel-att's question / generic pair, :mod:`innersight.look.prefix`); each holds one
-        row per image (first dimension). Only families whose text positions are plain counts of
+        (ViCrop rel-att's question / generic pair, :mod:`innersight.look.prefix`); their rows
+        (first dimension) are the images', as :meth:`sample_image_inputs` says. Only families whose text positions are plain counts of
         the attention mask and whose image features do not read the prompt qualify.
 
         The base: empty, the family cannot share a prefix (the caller runs the joint batch)."""
         return ()
+
+    def sample_image_inputs(self, batch: Batch, n: int) -> dict[str, Any]:
+        """The :attr:`prefix_image_inputs` of ``batch``'s first ``n`` samples (the shared-prefix
+        pass encodes their images once, :mod:`innersight.look.prefix`).
+
+        The base: one leading row per image, so the first rows, one per image of those samples
+        (``[:n]`` for one image per sample). A family with several rows per image (InternVL's
+        tiles) overrides it."""
+        images = sum(len(sizes) for sizes in batch.image_sizes[:n])
+        return {k: v[:images] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
 
     def decoder_hidden_states(self, outputs: Any) -> tuple[torch.Tensor, ...]:
         """The decoder's ``hidden_states`` from a forward with ``output_hidden_states=True``:
@@ -501,8 +511,9 @@ class Adapter(ABC):
         ranks the patches (DAMRO, outlier-overlap). Without one, DAMRO uses its documented
         substitute: the mean attention each token *receives* (an extension beyond the paper).
 
-        Base: the CLIP / BLIP / InternViT convention, a ``class_embedding`` on the vision tower's
-        ``embeddings`` module (SigLIP has none: False).
+        Base: the CLIP / BLIP convention, a ``class_embedding`` on the vision tower's
+        ``embeddings`` module (SigLIP has none: False; InternViT's is a ``cls_token``, its adapter
+        says so).
 
         Raises:
             MethodError: the tower has no ``embeddings`` module, so the family must say.

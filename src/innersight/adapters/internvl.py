@@ -45,7 +45,7 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsupportedModelError
+from ..errors import MethodError, UnsupportedModelError
 from .base import Adapter, Batch
 from .geometry import GridView, row_major_index
 
@@ -221,14 +221,16 @@ class InternVLAdapter(Adapter):
         return int(round(1 / float(self.config.downsample_ratio)))
 
     @property
-    def token_grid(self) -> tuple[int, int]:
-        """(rows, cols) of language-model tokens per tile (16 x 16 for InternVL3)."""
+    def tile_token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of language-model tokens per tile (16 x 16 for InternVL3). Not the base
+        class's :meth:`~innersight.adapters.base.Adapter.token_grid` (where an image's tokens
+        land on a map), which this family leaves to the base: each token is one grid cell."""
         rows, cols = self.patch_grid
         return rows // self.merge_size, cols // self.merge_size
 
     @property
     def tokens_per_tile(self) -> int:
-        rows, cols = self.token_grid
+        rows, cols = self.tile_token_grid
         return rows * cols
 
     @property
@@ -281,7 +283,7 @@ class InternVLAdapter(Adapter):
     def views(self, batch: Batch, image_index: int, size: tuple[int, int]) -> tuple[GridView, ...]:
         """``(base,)`` for a one-tile image; ``(base, tiles)`` otherwise, ``base`` the thumbnail
         (the last tile in token order) and ``tiles`` the tiles stitched into one grid."""
-        q_rows, q_cols = self.token_grid
+        q_rows, q_cols = self.tile_token_grid
         per_tile = q_rows * q_cols
         cols, rows = self.tile_grid(size)
         whole = (0.0, 0.0, float(size[0]), float(size[1]))
@@ -306,9 +308,28 @@ class InternVLAdapter(Adapter):
         """The [3, S, S] pixels (or gradients) of sample ``sample``'s first image's global tile (the
         thumbnail, the last of its tiles, or its only tile) and ``views[0]``, which that tile covers."""
         image_index = sum(len(sizes) for sizes in batch.image_sizes[:sample])
-        size = batch.image_sizes[sample][0]
-        row = self.tile_offset(batch, image_index) + self.num_tiles(size) - 1
-        return tensor[row], batch.layouts[sample][0].views[0]
+        return tensor[self.global_tile_row(batch, image_index)], batch.layouts[sample][0].views[0]
+
+    def tile_rows(self, batch: Batch, image_index: int) -> slice:
+        """Rows of ``pixel_values`` (and of the vision tower's batch) holding image
+        ``image_index`` (flat over the batch): its tiles, row-major, then its thumbnail.
+
+        Raises:
+            MethodError: the pixels' rows are not the batch's tile count.
+        """
+        flat = [size for sizes in batch.image_sizes for size in sizes]
+        total = sum(self.num_tiles(size) for size in flat)
+        rows = int(batch.inputs["pixel_values"].shape[0])
+        if rows != total:
+            raise MethodError(f"{self.family}: pixel_values hold {rows} tiles but the batch's images have {total}")
+        start = self.tile_offset(batch, image_index)
+        return slice(start, start + self.num_tiles(flat[image_index]))
+
+    def global_tile_row(self, batch: Batch, image_index: int) -> int:
+        """Row of image ``image_index``'s global tile (``views[0]``): its thumbnail, the last of
+        its tiles, or its only tile."""
+        flat = [size for sizes in batch.image_sizes for size in sizes]
+        return self.tile_offset(batch, image_index) + self.num_tiles(flat[image_index]) - 1
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
@@ -317,3 +338,99 @@ class InternVLAdapter(Adapter):
                    crop_to_patches=bool(settings["crop_to_patches"]),
                    max_patches=int(settings["max_patches"]))
         return out
+
+    # ------------------------------------------------------------------ text and map facet
+    # The text-only path is the whole model (without pixel_values InternVLModel embeds the ids and
+    # runs the decoder) and each image token is one cell of a grid: the base class's answers.
+
+    @property
+    def prefix_image_inputs(self) -> tuple[str, ...]:
+        """Plain 1D positions and InternViT features that do not read the prompt: a common prefix
+        may be encoded once. The images travel in ``pixel_values``, several rows (tiles) per
+        image, which :meth:`sample_image_inputs` counts."""
+        return ("pixel_values",)
+
+    def sample_image_inputs(self, batch: Batch, n: int) -> dict[str, Any]:
+        """``pixel_values`` of the first ``n`` samples: every tile of their images, which lead
+        the tile rows (images in batch order)."""
+        images = sum(len(sizes) for sizes in batch.image_sizes[:n])
+        return {"pixel_values": batch.inputs["pixel_values"][: self.tile_offset(batch, images)]}
+
+    # ------------------------------------------------------------------ vision facet
+    # InternViT runs every tile of every image as one sequence ``[N_tiles, 1 + p*p, Dv]`` (CLS
+    # first); its attention is a layer's ``attention`` (q_proj / k_proj / v_proj, with q_norm /
+    # k_norm over the full width when ``use_qk_norm``). DAMRO scores each image on its global tile
+    # (the thumbnail, last of its tiles; cf. LLaVA-NeXT's base tile) with the CLS row, as in the
+    # paper; the candidates are that tile's q*q language-model tokens (2x2 pixel shuffle of the
+    # patches), gathered from the projector's output ``[N_tiles, q*q, D]`` (no prefix, no separator
+    # tokens), so per-patch scores are pooled (mean) over each token's 2x2 patches.
+
+    @property
+    def vision_has_cls(self) -> bool:
+        """InternViT prepends a learned ``cls_token`` (``embeddings.cls_token``, not CLIP's
+        ``class_embedding``); ``vision_feature_select_strategy="default"`` drops it before the
+        pixel shuffle, so it ranks the patches but never reaches the language model."""
+        return True
+
+    def vision_attention(self, layer: int) -> Any:
+        """An InternViT layer's self-attention is its ``attention`` (``InternVLVisionAttention``)."""
+        layers = self.vision_layers
+        if not 0 <= int(layer) < len(layers):
+            raise MethodError(f"{self.family}: vision layer {layer} outside 0..{len(layers) - 1}")
+        return layers[int(layer)].attention
+
+    def vision_query_key(self, module: Any, hidden: torch.Tensor,
+                         call_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q_proj`` / ``k_proj`` of ``hidden`` ``[N, L, Dv]``, then ``q_norm`` / ``k_norm``
+        (RMSNorm over the full width, before the head split; identities unless ``use_qk_norm``,
+        InternViT-6B), split into ``[N, H, L, d]``."""
+        heads = int(module.num_heads)
+        n, length, _ = hidden.shape
+        q = module.q_norm(module.q_proj(hidden)).view(n, length, heads, -1).transpose(1, 2)  # [N, H, L, d]
+        k = module.k_norm(module.k_proj(hidden)).view(n, length, heads, -1).transpose(1, 2)  # [N, H, L, d]
+        return q, k
+
+    def scored_vision_rows(self, batch: Batch, rows: int) -> torch.Tensor:
+        """Each image's global tile among the ``rows`` tiles the tower ran: its last one."""
+        import torch
+
+        flat = [size for sizes in batch.image_sizes for size in sizes]
+        total = sum(self.num_tiles(size) for size in flat)
+        if rows != total:
+            raise MethodError(f"{self.family}: the vision tower ran {rows} tiles but the batch's images have {total}")
+        return torch.tensor([self.global_tile_row(batch, i) for i in range(len(flat))], dtype=torch.long)
+
+    def pool_vision_scores(self, batch: Batch, image_index: int, scores: torch.Tensor) -> torch.Tensor:
+        """Per-patch scores ``[p*p]`` (row-major over the tile's patches) -> the mean over the
+        2x2 patches of each language-model token ``[q*q]``: patch ``(r, c)`` folds into token
+        ``(r // 2) * q + c // 2`` (the model's pixel shuffle)."""
+        m = self.merge_size
+        q_rows, q_cols = self.tile_token_grid
+        if scores.numel() != q_rows * m * q_cols * m:
+            raise MethodError(f"{self.family}: {scores.numel()} patch scores for a tile of "
+                              f"{q_rows * m} x {q_cols * m} patches")
+        return scores.reshape(q_rows, m, q_cols, m).mean(dim=(1, 3)).flatten()  # [q*q]
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The projector: its output ``[N_tiles, q*q, D]`` holds every tile's language-model tokens."""
+        return self.projector
+
+    def image_features(self, batch: Batch, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, its tiles' language-model tokens in prompt order (tiles row-major, the
+        thumbnail last): ``[T_i * q*q, D]`` from ``get_image_features``' ``[N_tiles, q*q, D]``."""
+        out = self.model.get_image_features(pixel_values, return_dict=True).pooler_output  # [N_tiles, q*q, D]
+        flat = [size for sizes in batch.image_sizes for size in sizes]
+        total = sum(self.num_tiles(size) for size in flat)
+        if int(out.shape[0]) != total:
+            raise MethodError(f"{self.family}: {out.shape[0]} tiles of image features but the batch's images have {total}")
+        feats, start = [], 0
+        for size in flat:
+            stop = start + self.num_tiles(size)
+            feats.append(out[start:stop].reshape(-1, out.shape[-1]))  # [T_i * q*q, D]
+            start = stop
+        return feats
+
+    def vision_input_index(self, batch: Batch, image_index: int) -> slice:
+        """The image's tile rows of ``pixel_values`` ``[N_tiles, 3, S, S]`` (:meth:`tile_rows`)."""
+        return self.tile_rows(batch, image_index)

@@ -34,6 +34,8 @@ that sees **only** those outlier tokens and contrasts it away:
 
    - LLaVA-1.5: ``k`` projected patch tokens.
    - LLaVA-NeXT: the base (global) view's top-``k`` tokens plus one ``image_newline`` token.
+   - InternVL 3 / 3.5: the [CLS] row of each image's global tile (the thumbnail, its last tile),
+     averaged over the 2x2 patches each pixel-shuffled token holds; ``k`` projected tokens.
    - InstructBLIP: the Q-Former is run again over only the ``k`` ViT tokens (``post_layernorm``
      output, [CLS] excluded), with the same queries and instruction text; the negative image is
      still ``num_query_tokens`` tokens. The reference code gathers the patch indices from features

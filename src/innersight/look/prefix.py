@@ -116,7 +116,7 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
 
     cache = DynamicCache()
     name = cache_argument(model.forward)
-    image_inputs = {k: v[:n] for k, v in inputs.items() if k in image_keys}  # one row per image: the first n
+    image_inputs = mllm.adapter.sample_image_inputs(batch, n)  # the first n samples' images (adapter's rows)
     decoder_layers = mllm.adapter.decoder_layers
     with torch.inference_mode():
         with layer_handlers(model, decoder_layers, {layer: _stop}):
