@@ -462,19 +462,16 @@ def continuation_logprobs(mllm: Any, plan: Plan, images: Sequence[Any], context:
     attention methods are active during the one batched forward pass."""
     import torch
 
-    from ..mllm import load_image_lists
+    from ..flow import activate_attention, apply_input, load_image_lists
 
-    image_lists = load_image_lists([list(images)])
-    for method in plan.at("input"):
-        image_lists, _ = method.apply(mllm, image_lists, [context], template)
+    image_lists, _ = apply_input(plan, mllm, load_image_lists([list(images)]), [context], template)
     pictures = image_lists[0]
     adapter = mllm.adapter
     prompt = adapter.format_prompt(context, len(pictures), template)
     n_prompt = int(adapter.prepare([pictures], [prompt]).inputs["attention_mask"][0].sum())
     batch = adapter.prepare([pictures] * len(continuations), [prompt + c for c in continuations])
     with contextlib.ExitStack() as stack:
-        for method in plan.at("attention"):
-            stack.enter_context(method.activate(mllm, batch))
+        activate_attention(stack, plan, mllm, batch)
         with torch.inference_mode():
             logits = mllm.model(**batch.inputs).logits  # [C, L, V]
     mask = batch.inputs["attention_mask"]  # [C, L]
