@@ -61,11 +61,14 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MethodError, UserInputError
 from ..methods import Plan, resolve_methods
 from .lmms_samples import to_lmms_samples, write_lmms_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..mllm import MLLM
 
 _INSTALL = "pip install --no-deps lmms-eval==0.7.3 && pip install pytz loguru sqlitedict evaluate"
 
@@ -455,7 +458,7 @@ class InnersightLMMSChat(InnersightLMMS):
         return [r if r is not None else "" for r in results]
 
 
-def continuation_logprobs(mllm: Any, plan: Plan, images: Sequence[Any], context: str, continuations: Sequence[str],
+def continuation_logprobs(mllm: MLLM, plan: Plan, images: Sequence[Any], context: str, continuations: Sequence[str],
                           template: str = "chat") -> list[tuple[float, bool]]:
     """For each continuation: ``(sum of its token log-probabilities after the formatted prompt,
     whether each of its tokens is the greedy choice)``. Input methods change the images first,
