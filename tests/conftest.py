@@ -1,4 +1,17 @@
-"""Shared fixtures: tiny random models of every family, built once per session, offline."""
+"""Shared fixtures: tiny random models of every family, built once per session, offline; the test tiers.
+
+Tiers (README, "Tests"):
+
+- full: ``pytest`` -- everything, every family (CI runs it on the newest transformers);
+- fast: ``pytest -m "not slow"`` -- a test parametrised over the family registry
+  (``@pytest.mark.parametrize("family", FAMILIES)``) runs for :data:`CORE_FAMILIES` only, and
+  ``heavy`` tests are left out;
+- floor: ``pytest -m "not heavy"`` -- every family, without the costly tests that do not depend
+  on a family (CI runs it on the floor transformers).
+
+A test parametrised over a hand-picked list of families is not a registry test: it stays in the
+fast tier whatever families it names.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +24,37 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+#: families whose items of registry-parametrised tests stay in the fast tier: one per adapter
+#: design (LLaVA's fixed grid, LLaVA-NeXT's tiles, InstructBLIP's Q-Former, Qwen2-VL's M-RoPE)
+CORE_FAMILIES: frozenset[str] = frozenset({"llava", "llava_next", "instructblip", "qwen2_vl"})
+
+
+def _family(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    value = callspec.params.get("family") if callspec is not None else None
+    return value if isinstance(value, str) else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``slow``: every ``heavy`` item, and the items of a registry-parametrised test (its items
+    cover every registered family) whose family is outside :data:`CORE_FAMILIES`."""
+    from innersight.adapters import FAMILIES
+
+    def test_of(item: pytest.Item) -> tuple[str, str]:
+        return item.nodeid.split("::")[0], getattr(item, "originalname", item.name)
+
+    covered: dict[tuple[str, str], set[str]] = {}
+    for item in items:
+        family = _family(item)
+        if family is not None:
+            covered.setdefault(test_of(item), set()).add(family)
+    for item in items:
+        family = _family(item)
+        registry_test = family is not None and covered[test_of(item)] >= set(FAMILIES)
+        if item.get_closest_marker("heavy") or (registry_test and family not in CORE_FAMILIES):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -144,13 +144,32 @@ def test_listings_agree_with_the_registered_instruments():
         get_instrument("nope")
 
 
-def test_register_refuses_a_listing_mismatch():
-    from innersight.instruments import Instrument, register
+def test_register_refuses_a_taken_name_and_one_entry_lists_a_new_instrument(monkeypatch):
+    """An instrument is defined once (its registry entry): a second registration under a taken
+    name is refused and replaces nothing; a new entry is listed and runnable with no other line."""
+    from innersight.instruments import INSTRUMENTS, Instrument, Option, register
 
     inst = get_instrument("probe")
-    with pytest.raises(ValueError, match="disagrees"):
+    with pytest.raises(ValueError, match="registered twice"):
         register(Instrument("probe", "another title", inst.function, inst.default_benchmark, inst.default_split,
                             inst.options))
-    with pytest.raises(ValueError, match="LISTINGS"):
-        register(Instrument("unlisted", "t", inst.function, "micro-pope"))
-    assert get_instrument("probe").title == LISTINGS["probe"].title  # the refused one replaced nothing
+    assert get_instrument("probe").title == LISTINGS["probe"].title == "Linear probe per layer for object existence (DeCo)"
+
+    monkeypatch.setattr("innersight.instruments.INSTRUMENTS", INSTRUMENTS.copy())
+    register(Instrument("unlisted", "t", "probe:measure_probe", "micro-pope", options={"k": Option(int, 3, "k")}))
+    listed = {d["name"]: d for d in describe_instruments()}
+    assert listed["unlisted"] == {"name": "unlisted", "title": "t", "default_benchmark": "micro-pope",
+                                  "default_split": None, "options": {"k": 3}}
+    assert get_instrument("unlisted").function is inst.function
+    assert get_instrument("unlisted").parse_options({"k": "5"}) == {"k": 5}
+
+
+def test_option_defaults_named_after_module_constants_match_them():
+    """The registry spells out three defaults that the modules also keep as constants."""
+    from innersight.attend.sinks import FIRST_SINK_LAYER
+    from innersight.instruments.outlier_overlap import MAX_RANK
+    from innersight.instruments.sinks import TAU
+
+    assert LISTINGS["sinks"].options["tau"].default == TAU
+    assert LISTINGS["sinks"].options["first_layer"].default == FIRST_SINK_LAYER
+    assert LISTINGS["outlier-overlap"].options["max_rank"].default == MAX_RANK

@@ -75,7 +75,7 @@ def _write_task(root: Path) -> list[dict]:
     return docs
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_the_lmms_eval_command_runs_innersight_offline(tmp_path):
     pytest.importorskip("lmms_eval")
     command = shutil.which("lmms-eval")

@@ -19,7 +19,7 @@ def test_no_methods_is_plain_plan():
 
 
 def test_two_input_methods_refused(monkeypatch):
-    monkeypatch.setattr("innersight.methods.METHODS", dict(METHODS))
+    monkeypatch.setattr("innersight.methods.METHODS", METHODS.copy())
     register(MethodSpec("in-a", "input", "a", "builtins:object"))
     register(MethodSpec("in-b", "input", "b", "builtins:object"))
     with pytest.raises(MethodError, match="input point"):
@@ -30,7 +30,7 @@ def test_two_input_methods_refused(monkeypatch):
 
 
 def test_register_rejects_bad_point_and_duplicates(monkeypatch):
-    monkeypatch.setattr("innersight.methods.METHODS", {})
+    monkeypatch.setattr("innersight.methods.METHODS", METHODS.copy(entries=False))
     register(MethodSpec("m", "decoding", "s", "x:y"))
     with pytest.raises(ValueError, match="twice"):
         register(MethodSpec("m", "decoding", "s", "x:y"))

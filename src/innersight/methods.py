@@ -1,27 +1,28 @@
-"""The method registry and the plan that places each method at its intervention point.
+"""The method registry: each method's name, intervention point, config and implementation.
 
 A method is registered once with a :class:`MethodSpec`: its name, its intervention point
-(``input``: what the model sees; ``attention``: how it looks; ``decoding``: what it says), a
-one-line summary, and the dotted path of its implementation (imported lazily so that listing
-methods needs no torch). ``resolve_methods`` turns the names a user gave into a :class:`Plan`.
+(``input``: what the model sees; ``attention``: how it looks; ``decoding``: what it says; the
+contracts are in :mod:`innersight.points`), a one-line summary, and the dotted path of its
+implementation (imported lazily so that listing methods needs no torch). ``resolve_methods``
+turns the names a user gave into a :class:`~innersight.flow.Plan`, which :mod:`innersight.flow`
+runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import MethodError
+from .flow import Plan, merge_processors
+from .points import POINTS
+from .registry import Registry, import_target
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .mllm import MLLM, Answer
-
-POINTS = ("input", "attention", "decoding")
+__all__ = ["COMPATIBLE", "METHODS", "POINTS", "MethodSpec", "Plan", "merge_processors", "parse_overrides",
+           "register", "resolve_methods", "settings_by_name"]
 
 #: combinations of methods at the same point that are defined and tested (sorted name tuples)
 COMPATIBLE: frozenset[tuple[str, ...]] = frozenset()
@@ -46,7 +47,7 @@ class MethodSpec:
     defaults: tuple[tuple[str, Any], ...] = ()
 
     def load(self) -> Any:
-        return _import(self.target)
+        return import_target(self.target)
 
     def build(self, overrides: dict[str, str] | None = None) -> Any:
         """The method object with its config: paper defaults, this name's defaults and preset, then
@@ -56,7 +57,7 @@ class MethodSpec:
             if overrides:
                 raise MethodError(f"method {self.name!r} has no configurable fields")
             return impl()
-        cls = _import(self.config)
+        cls = import_target(self.config)
         values: dict[str, Any] = {**dict(self.defaults), **dict(self.preset)}
         values.update(parse_overrides(cls, overrides or {}, self.name))
         config = cls(**values)
@@ -70,11 +71,6 @@ class MethodSpec:
         if hasattr(method, "registered_name"):  # one implementation under several names (vicrop-*)
             method.registered_name = self.name
         return method
-
-
-def _import(target: str) -> Any:
-    module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def parse_overrides(cls: Any, overrides: dict[str, str], key: str) -> dict[str, Any]:
@@ -118,113 +114,15 @@ def _parse_value(text: Any, hint: Any) -> Any:
 
 
 #: name -> spec; the single source of truth for the CLI, `innersight list` and the API
-METHODS: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry("method", missing="unknown method {name!r}; available methods: {choices}",
+                                         error=MethodError)
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to :data:`METHODS` (``ValueError`` for an unknown point or a name taken)."""
     if spec.point not in POINTS:
         raise ValueError(f"{spec.name}: unknown intervention point {spec.point!r}")
-    if spec.name in METHODS:
-        raise ValueError(f"method {spec.name!r} registered twice")
-    METHODS[spec.name] = spec
-    return spec
-
-
-@dataclass
-class Plan:
-    """The methods of one call, one slot per intervention point."""
-
-    specs: tuple[MethodSpec, ...] = ()
-    objects: tuple[Any, ...] = ()
-    #: the caller's config overrides, keyed by method name (whichever key named them)
-    settings: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.specs)
-
-    def at(self, point: str) -> list[Any]:
-        return [obj for spec, obj in zip(self.specs, self.objects) if spec.point == point]
-
-    def configs(self) -> dict[str, Any]:
-        """name -> config dict, for result provenance."""
-        return {spec.name: dataclasses.asdict(obj.config) if hasattr(obj, "config") else {}
-                for spec, obj in zip(self.specs, self.objects)}
-
-    def run(
-        self,
-        mllm: MLLM,
-        images: Sequence[Any],
-        questions: Sequence[str],
-        *,
-        template: str = "chat",
-        **generation: Any,
-    ) -> list[Answer]:
-        """Input methods change the images, attention methods wrap the generation, decoding
-        methods add logits processors; then generate and decode.
-
-        A ``logits_processor`` and ``stopping_criteria`` passed in ``generation`` are kept: the
-        decoding methods' processors run first, then the caller's (see :func:`merge_processors`);
-        stopping criteria are handed to ``generate`` unchanged."""
-        from .mllm import Answer, load_image_lists
-
-        image_lists = load_image_lists(images)
-        extras: list[dict[str, Any]] = [{} for _ in questions]
-        for method in self.at("input"):
-            image_lists, extras = method.apply(mllm, image_lists, list(questions), template)
-        batch = mllm.prepare(image_lists, questions, template=template)
-        with contextlib.ExitStack() as stack:
-            for method in self.at("attention"):
-                stack.enter_context(method.activate(mllm, batch))
-            for method in self.at("decoding"):  # e.g. damro's official preset: pure sampling at temperature 1
-                overrides = getattr(method, "generation_overrides", None)
-                if overrides is not None:
-                    generation = {**generation, **overrides(mllm, generation)}
-            processors = [p for method in self.at("decoding") for p in method.processors(mllm, batch, generation)]
-            for processor in processors:
-                if hasattr(processor, "__enter__"):  # e.g. early-exit hooks, live for this call only
-                    stack.enter_context(processor)
-            if processors:
-                generation = {**generation,
-                              "logits_processor": merge_processors(processors, generation.get("logits_processor"))}
-            ids = mllm.generate(batch, **generation)
-        # what the decoding processors report of this call (e.g. which negative branch ran)
-        call_details: dict[str, Any] = {}
-        for processor in processors:
-            report = getattr(processor, "details", None)
-            if callable(report):
-                call_details.update(report())
-        answers = []
-        for row, q, p, extra in zip(ids, questions, batch.prompts, extras):
-            answer = Answer(text=mllm.decode(row), question=q, prompt=p, methods=self.names, token_ids=row)
-            answer.box, answer.crop = extra.get("box"), extra.get("crop")
-            answer.maps = extra.get("maps", {})
-            answer.details = {"configs": self.configs(), **extra.get("details", {}), **call_details}
-            answers.append(answer)
-        return answers
-
-
-def merge_processors(methods: Sequence[Any], user: Any = None) -> Any:
-    """One ``LogitsProcessorList``: the decoding methods' processors, then the caller's.
-
-    Order at each step (transformers' ``generate``): its own processors built from the generation
-    settings (e.g. ``repetition_penalty``, ``min_new_tokens``) on the raw logits; then the methods'
-    processors (DeCo, DoLa, DAMRO, VCD), which need the model's logits as they are; then the
-    caller's ``logits_processor``, in its own order, which sees the methods' scores (so a token it
-    bans or forces stays banned or forced); then the sampling warpers (temperature, top-k, top-p).
-    ``user`` may be None, one processor, or a list of them.
-    """
-    from transformers import LogitsProcessorList
-
-    if user is None:
-        extra: list[Any] = []
-    elif isinstance(user, (list, tuple)):  # LogitsProcessorList is a list
-        extra = list(user)
-    elif callable(user):
-        extra = [user]
-    else:
-        raise MethodError(f"logits_processor must be a processor or a list of them, not {type(user).__name__}")
-    return LogitsProcessorList([*methods, *extra])
+    return METHODS.register(spec.name, spec)
 
 
 def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict[str, str]] | None = None) -> Plan:
@@ -239,13 +137,11 @@ def resolve_methods(names: Iterable[str] | str | None, overrides: dict[str, dict
         names = [names]
     specs: list[MethodSpec] = []
     for name in names:
-        if name not in METHODS:
-            known = ", ".join(sorted(METHODS)) or "none yet in this version"
-            raise MethodError(f"unknown method {name!r}; available methods: {known}")
-        if METHODS[name] in specs:
+        spec = METHODS.lookup(name)
+        if spec in specs:
             raise MethodError(f"method {name!r} given twice")
-        specs.append(METHODS[name])
-    for point in ("input", "attention", "decoding"):
+        specs.append(spec)
+    for point in POINTS:
         same = tuple(sorted(s.name for s in specs if s.point == point))
         if len(same) > 1 and same not in COMPATIBLE:
             raise MethodError(

@@ -3,65 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .adapters.base import Adapter, Batch
 from .errors import UserInputError
+from .flow import Answer, ImageLike, build_batch, check_questions, load_image_lists
+
+__all__ = ["MLLM", "Answer", "ImageLike", "load_image_lists", "DEFAULT_MAX_NEW_TOKENS"]
 
 DEFAULT_MAX_NEW_TOKENS = 32
-
-
-@dataclass
-class Answer:
-    """One answer, plus what the methods that produced it want to show."""
-
-    text: str
-    question: str
-    prompt: str
-    methods: tuple[str, ...] = ()
-    token_ids: list[int] = field(default_factory=list)
-    #: ViCrop: the chosen box (x0, y0, x1, y1) in original-image pixels, the crop, the maps
-    box: tuple[float, float, float, float] | None = None
-    crop: Any = None
-    maps: dict[str, Any] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "question": self.question,
-            "prompt": self.prompt,
-            "methods": list(self.methods),
-            "box": list(self.box) if self.box is not None else None,
-            "details": self.details,
-        }
-
-
-ImageLike = Any  # str | Path | PIL.Image.Image
-
-
-def _as_image_list(item: ImageLike | Sequence[ImageLike]) -> list[Any]:
-    from PIL import Image
-
-    from .images import load_image
-
-    def one(x: Any) -> Any:
-        # images we already loaded (RGB PIL) are used as they are; anything else is loaded/checked
-        if isinstance(x, Image.Image) and x.mode == "RGB" and min(x.size) >= 1:
-            return x
-        return load_image(x)  # checks it: a 0x0 image, a missing file... -> ImageError
-
-    if isinstance(item, (list, tuple)):
-        if not item:
-            raise UserInputError("a sample needs at least one image")
-        return [one(x) for x in item]
-    return [one(item)]
-
-
-def load_image_lists(images: Sequence[ImageLike | Sequence[ImageLike]]) -> list[list[Any]]:
-    """Each sample's images as a list of RGB PIL images (a bare image -> a list of one)."""
-    return [_as_image_list(item) for item in images]
 
 
 class MLLM:
@@ -85,13 +35,8 @@ class MLLM:
         template: str = "chat",
     ) -> Batch:
         """Load images, format prompts and tokenise a left-padded batch."""
-        if isinstance(questions, str):
-            raise UserInputError("questions must be a list; use answer() for a single question")
-        if len(images) != len(questions):
-            raise UserInputError(f"{len(images)} images for {len(questions)} questions")
-        image_lists = load_image_lists(images)
-        prompts = [self.adapter.format_prompt(q, len(ims), template) for q, ims in zip(questions, image_lists)]
-        return self.adapter.prepare(image_lists, prompts)
+        check_questions(images, questions)
+        return build_batch(self.adapter, load_image_lists(images), questions, template)
 
     # ------------------------------------------------------------------ generation
     def generation_kwargs(self, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **overrides: Any) -> dict[str, Any]:
@@ -162,6 +107,7 @@ class MLLM:
         ``methods`` are registered method names (``innersight list``); ``settings`` overrides
         their config fields by method name, e.g. ``{"vicrop-rel-att": {"layer": 10}}`` (the key
         ``vicrop`` shared by the ViCrop variants works too; ``innersight list`` shows both).
+        Each chunk runs :meth:`innersight.flow.Plan.run` (the flow of one answer).
         """
         from .methods import resolve_methods
 

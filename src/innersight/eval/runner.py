@@ -56,15 +56,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ImageError, InnersightError, MethodError, UserInputError
 from ..outputs import check_output_dir
+from ..points import BenchmarkGeneration
 from .benchmarks import Benchmark, get_benchmark
 from .benchmarks.base import Preset, Sample
 from .benchmarks.hub import data_identity
 from .lock import RunLock
 from .scorers import Scorer, get_scorer, variants
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..flow import Plan
+    from ..mllm import MLLM
 
 ABORT_AFTER = 3
 CONFIG = "config.json"
@@ -332,19 +337,18 @@ def run_name(benchmark: str, split: str, model: str, methods: Iterable[str]) -> 
 # ---------------------------------------------------------------------- prediction
 
 
-def generation_defaults(preset: Preset, plan: Any, benchmark: str) -> dict[str, Any]:
+def generation_defaults(preset: Preset, plan: Plan, benchmark: str) -> dict[str, Any]:
     """The generation settings of a run before the caller's own: the preset's answer length, then
     what a method asks for on this benchmark (``method.benchmark_generation(name)``; e.g. ViCrop's
     20 new tokens on the benchmarks of its paper's tables)."""
     gen: dict[str, Any] = {"max_new_tokens": preset.max_new_tokens}
     for method in plan.objects:
-        hook = getattr(method, "benchmark_generation", None)
-        if hook is not None:
-            gen.update(hook(benchmark))
+        if isinstance(method, BenchmarkGeneration):
+            gen.update(method.benchmark_generation(benchmark))
     return gen
 
 
-def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Sequence[str],
+def option_losses(mllm: MLLM, plan: Plan, images: Any, question: str, options: Sequence[str],
                   template: str = "chat") -> tuple[list[float], str]:
     """V*'s likelihood protocol: the mean token loss of each option as the assistant's answer.
 
@@ -354,14 +358,12 @@ def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Seq
     """
     import torch
 
-    from ..mllm import load_image_lists
+    from ..flow import activate_attention, apply_input, load_image_lists
 
     if plan.at("decoding"):
         raise MethodError("the likelihood protocol scores options in one forward pass; decoding methods act on "
                           "generation -- use --scorer-variant letter with them")
-    image_lists = load_image_lists([images])
-    for method in plan.at("input"):
-        image_lists, _ = method.apply(mllm, image_lists, [question], template)
+    image_lists, _ = apply_input(plan, mllm, load_image_lists([images]), [question], template)
     ims = image_lists[0]
     adapter = mllm.adapter
     prompt = adapter.format_prompt(question, len(ims), template)
@@ -369,8 +371,7 @@ def option_losses(mllm: Any, plan: Any, images: Any, question: str, options: Seq
     n_prompt = int(base.inputs["attention_mask"][0].sum())
     batch = adapter.prepare([ims] * len(options), [f"{prompt} {option}" for option in options])
     with contextlib.ExitStack() as stack:
-        for method in plan.at("attention"):
-            stack.enter_context(method.activate(mllm, batch))
+        activate_attention(stack, plan, mllm, batch)
         with torch.inference_mode():
             logits = mllm.model(**batch.inputs).logits  # [n_options, L, V]
     mask = batch.inputs["attention_mask"]  # [n_options, L]
@@ -394,7 +395,7 @@ def check_scorer_installed(scorer: Scorer) -> None:
         raise UserInputError(hint)
 
 
-def check_protocol(scorer: Scorer, plan: Any) -> None:
+def check_protocol(scorer: Scorer, plan: Plan) -> None:
     """``MethodError`` when the methods cannot run under the scorer's protocol: a likelihood
     scorer (one forward pass per option) with decoding methods (which act on generation)."""
     if scorer.prediction == "option_losses" and plan.at("decoding"):
@@ -415,7 +416,7 @@ class _Job:
 class _Evaluator:
     """Runs jobs through the model and turns outcomes into rows (the body of :func:`evaluate`)."""
 
-    def __init__(self, mllm: Any, plan: Any, scorer: Scorer, template: str, generation: dict[str, Any],
+    def __init__(self, mllm: MLLM, plan: Plan, scorer: Scorer, template: str, generation: dict[str, Any],
                  rank: int):
         self.mllm, self.plan, self.scorer = mllm, plan, scorer
         self.template, self.generation, self.rank = template, generation, rank
@@ -441,7 +442,7 @@ class _Evaluator:
 
     def load_images(self, jobs: list[_Job]) -> tuple[list[_Job], list[Row]]:
         """Jobs whose images loaded, and error rows for the others."""
-        from ..mllm import load_image_lists
+        from ..flow import load_image_lists
 
         ready, failed = [], []
         for job in jobs:
@@ -512,7 +513,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def evaluate(
-    mllm: Any,
+    mllm: MLLM,
     benchmark: str | Benchmark,
     data: str | Path | None,
     split: str | None = None,
@@ -658,20 +659,17 @@ def evaluate(
                         wall_seconds=time.time() - started, resumed=resumed, decoding=decoding)
 
 
-def effective_generation(mllm: Any, plan: Any, generation: Mapping[str, Any]) -> dict[str, Any]:
+def effective_generation(mllm: MLLM, plan: Plan, generation: Mapping[str, Any]) -> dict[str, Any]:
     """The settings ``generate`` receives: ``generation`` with the decoding methods' own overrides
     (e.g. DAMRO's official preset samples at temperature 1), as recorded in ``results.json``
     under ``decoding`` so that reports can tell greedy from sampled runs."""
-    out = dict(generation)
-    for method in plan.at("decoding"):
-        overrides = getattr(method, "generation_overrides", None)
-        if overrides is not None:
-            out.update(overrides(mllm, out))
-    return out
+    from ..flow import decoding_generation
+
+    return decoding_generation(plan, mllm, dict(generation))
 
 
 def finalize(run_dir: Path, bench: Benchmark, split: str, scorer: Scorer, preset: Preset,
-             samples: Sequence[Sample], *, mllm_name: str, plan: Any, settings: Any, generation: dict[str, Any],
+             samples: Sequence[Sample], *, mllm_name: str, plan: Plan, settings: Any, generation: dict[str, Any],
              seed: int, template: str, limit: int | None, batch_size: int, world_size: int, data: Any,
              options: Mapping[str, Any], wall_seconds: float, resumed: bool = False,
              decoding: Mapping[str, Any] | None = None) -> dict[str, Any]:

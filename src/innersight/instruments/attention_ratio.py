@@ -74,7 +74,6 @@ import torch
 from ..adapters.base import Batch
 from ..adapters.geometry import Box, GridView
 from ..errors import UserInputError
-from . import Instrument, Option, register
 from .common import (
     Measurement,
     Sample,
@@ -575,38 +574,6 @@ def _size_figure(numbers: Mapping[str, Any], model: str, n: int, context: float)
     fig.tight_layout()
     return fig
 
-
-# ---------------------------------------------------------------------- registration
-_COMMON_OPTIONS: dict[str, Option] = {
-    "batch_size": Option(int, 8, "samples per forward / generate call"),
-    "max_new_tokens": Option(int, 16, "answer length (greedy)"),
-    "template": Option(str, "chat", "prompt template: chat (the model's own) or reference (the papers')"),
-    "scorer": Option(str, "auto", "correctness: auto (the benchmark's scorer from the sample fields) or <benchmark>/<variant>"),
-}
-
-register(Instrument(
-    name="attention-ratio",
-    title="Attention ratio per layer on the ground-truth box, correct vs wrong answers (ViCrop)",
-    function=measure_attention_ratio,
-    default_benchmark="micro-details",
-    default_split="all",
-    options={**_COMMON_OPTIONS,
-             "qformer_block": Option(int, 2, "InstructBLIP: Q-Former cross-attention block of the map's second stage")},
-    source=SOURCE,
-))
-register(Instrument(
-    name="size-sensitivity",
-    title="Accuracy by relative object size, with and without a ground-truth crop (ViCrop)",
-    function=measure_size_sensitivity,
-    default_benchmark="micro-details",
-    default_split="all",
-    options={**_COMMON_OPTIONS,
-             "n_bins": Option(int, 3, "number of relative-size bins"),
-             "binning": Option(str, "quantile", "quantile (equal counts) or log (equal log10 steps)"),
-             "context": Option(float, 2.0, "crop side = context x the box's longer side"),
-             "min_side": Option(int, 0, "smallest crop side in pixels (0: none)")},
-    source=SOURCE,
-))
 
 __all__ = ["BoxWindows", "attention_ratio", "box_windows", "context_box", "ground_truth_box", "layer_attention",
            "layer_maps", "measure_attention_ratio", "measure_size_sensitivity", "relative_size", "size_bins",

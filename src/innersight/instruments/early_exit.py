@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MethodError, UserInputError
-from . import Instrument, Option, register
 from .common import (
     Measurement,
     Sample,
@@ -633,30 +632,3 @@ def measure_prior_overlap(
                                    "parser": chosen, "top": top})
     result.figure = _draw_prior(numbers, result.model, len(samples))
     return result
-
-
-_BATCH = Option(int, 8, "samples per forward / generate call")
-_TEMPLATE = Option(str, "chat", "prompt template: chat (the model's own) or reference (the papers')")
-
-register(Instrument(
-    name="early-exit",
-    title="Early-exit probability of the right / hallucinated token per layer (DeCo)",
-    function=measure_early_exit,
-    default_benchmark="micro-pope",
-    default_split="random",
-    options={"batch_size": _BATCH, "template": _TEMPLATE,
-             "suffix": Option(str, "", "text appended to every question (e.g. a short-answer instruction)")},
-    source=SOURCE,
-))
-register(Instrument(
-    name="prior-overlap",
-    title="Share of hallucinated objects also named without the image (DeCo)",
-    function=measure_prior_overlap,
-    default_benchmark="micro-chair",
-    default_split="val",
-    options={"batch_size": _BATCH, "template": _TEMPLATE,
-             "max_new_tokens": Option(int, 64, "answer length of both descriptions"),
-             "parser": Option(str, "auto", "object parser: auto, micro (micro world) or chair (COCO synonyms)"),
-             "top": Option(int, 10, "how many of the most frequent hallucinated objects to report")},
-    source=SOURCE,
-))

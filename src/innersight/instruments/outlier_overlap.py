@@ -69,7 +69,6 @@ import torch
 from ..attention import layer_handlers, row_probabilities, sdpa_forward
 from ..decode.damro import DAMROConfig, OutlierCapture, top_outliers
 from ..errors import MethodError, UserInputError
-from . import Instrument, Option, register
 from .common import (
     Measurement,
     Sample,
@@ -471,20 +470,3 @@ def draw(numbers: dict[str, Any], model: str, n: int, max_rank: int) -> Any:
 
 def _span(layers: Sequence[int]) -> str:
     return f"{layers[0]}-{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) else str(list(layers))
-
-
-register(Instrument(
-    name="outlier-overlap",
-    title="ViT [CLS] outliers vs LLM decoder image attention: H_i and F, hallucinated vs not (DAMRO)",
-    function=measure_outlier_overlap,
-    default_benchmark="micro-chair",
-    options={
-        "batch_size": Option(int, 8, "samples per generate call"),
-        "max_new_tokens": Option(int, None, "answer length (default: 48 for descriptions, 8 otherwise)"),
-        "layers": Option(str, "all", "decoder layers averaged: all, 2,5 or 4-7 (the paper names none)"),
-        "rows": Option(str, "answer", "answer (every answer token, sentence level) or first (first token only)"),
-        "scorer": Option(str, "auto", "hallucination judge: auto, pope, chair or micro-chair"),
-        "max_rank": Option(int, MAX_RANK, "largest i of H_i"),
-    },
-    source=SOURCE,
-))

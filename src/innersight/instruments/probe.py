@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserInputError
-from . import Instrument, Option, register
 from .common import Measurement, Sample, batches, check_samples, figure_title, percent, progress
-from .early_exit import SOURCE, answer_token_ids, last_position_pass, questions_of, yes_no_label
+from .early_exit import answer_token_ids, last_position_pass, questions_of, yes_no_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -271,21 +270,3 @@ def measure_probe(
                                    "split_seed": split_seed, "l2": l2, "max_iter": max_iter})
     result.figure = _draw(numbers, result.model, len(samples))
     return result
-
-
-register(Instrument(
-    name="probe",
-    title="Linear probe per layer for object existence (DeCo)",
-    function=measure_probe,
-    default_benchmark="micro-pope",
-    default_split="random",
-    options={
-        "batch_size": Option(int, 8, "samples per forward pass"),
-        "template": Option(str, "chat", "prompt template: chat (the model's own) or reference (the papers')"),
-        "suffix": Option(str, "", "text appended to every question (e.g. a short-answer instruction)"),
-        "split_seed": Option(int, 0, "seed of the stratified train / test split"),
-        "l2": Option(float, 1e-2, "L2 penalty on the probe weights (standardised features)"),
-        "max_iter": Option(int, 200, "L-BFGS iterations per probe"),
-    },
-    source=SOURCE,
-))

@@ -59,7 +59,6 @@ from ..attend.sinks import (
 )
 from ..attention import layer_handlers, row_probabilities, sdpa_forward
 from ..errors import UserInputError
-from . import Instrument, Option, register
 from .common import (
     Measurement,
     Sample,
@@ -508,22 +507,3 @@ def draw(numbers: dict[str, Any], model: str, n: int) -> Any:
     fig.suptitle(figure_title(f"Visual attention sinks (VAR): {label}", model, n))
     fig.tight_layout()
     return fig
-
-
-register(Instrument(
-    name="sinks",
-    title="Visual attention sinks: sink dims, sinks per layer, attention on them, masking them vs random (VAR)",
-    function=measure_sinks,
-    default_benchmark="micro-details",
-    options={
-        "batch_size": Option(int, 8, "samples per generate call"),
-        "max_new_tokens": Option(int, None, "answer length (default: 48 for descriptions, 8 otherwise)"),
-        "tau": Option(float, TAU, "phi threshold of a sink token (paper: 20)"),
-        "dims": Option(str, "", "sink dims, e.g. 2533,1415 (default: detected for the model and cached)"),
-        "first_layer": Option(int, FIRST_SINK_LAYER, "first layer whose sinks are masked and summarised (paper: 2)"),
-        "cache": Option(bool, True, "cache detected sink dims (INNERSIGHT_CACHE_DIR)"),
-        "seed": Option(int, 0, "seed of the random image tokens"),
-        "scorer": Option(str, "auto", "answer scorer: auto or a registered name (innersight list)"),
-    },
-    source=SOURCE,
-))

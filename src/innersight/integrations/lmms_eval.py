@@ -61,11 +61,14 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MethodError, UserInputError
 from ..methods import Plan, resolve_methods
 from .lmms_samples import to_lmms_samples, write_lmms_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..mllm import MLLM
 
 _INSTALL = "pip install --no-deps lmms-eval==0.7.3 && pip install pytz loguru sqlitedict evaluate"
 
@@ -455,26 +458,23 @@ class InnersightLMMSChat(InnersightLMMS):
         return [r if r is not None else "" for r in results]
 
 
-def continuation_logprobs(mllm: Any, plan: Plan, images: Sequence[Any], context: str, continuations: Sequence[str],
+def continuation_logprobs(mllm: MLLM, plan: Plan, images: Sequence[Any], context: str, continuations: Sequence[str],
                           template: str = "chat") -> list[tuple[float, bool]]:
     """For each continuation: ``(sum of its token log-probabilities after the formatted prompt,
     whether each of its tokens is the greedy choice)``. Input methods change the images first,
     attention methods are active during the one batched forward pass."""
     import torch
 
-    from ..mllm import load_image_lists
+    from ..flow import activate_attention, apply_input, load_image_lists
 
-    image_lists = load_image_lists([list(images)])
-    for method in plan.at("input"):
-        image_lists, _ = method.apply(mllm, image_lists, [context], template)
+    image_lists, _ = apply_input(plan, mllm, load_image_lists([list(images)]), [context], template)
     pictures = image_lists[0]
     adapter = mllm.adapter
     prompt = adapter.format_prompt(context, len(pictures), template)
     n_prompt = int(adapter.prepare([pictures], [prompt]).inputs["attention_mask"][0].sum())
     batch = adapter.prepare([pictures] * len(continuations), [prompt + c for c in continuations])
     with contextlib.ExitStack() as stack:
-        for method in plan.at("attention"):
-            stack.enter_context(method.activate(mllm, batch))
+        activate_attention(stack, plan, mllm, batch)
         with torch.inference_mode():
             logits = mllm.model(**batch.inputs).logits  # [C, L, V]
     mask = batch.inputs["attention_mask"]  # [C, L]

@@ -34,6 +34,7 @@ Hosted copies (``--data hf:<repo id or folder>``, read with ``datasets``; see
 from __future__ import annotations
 
 from ...errors import UserInputError
+from ...registry import Registry
 from .amber import AMBERDiscriminative, AMBERGenerative
 from .aokvqa import AOKVQA
 from .base import Benchmark, Preset, Sample
@@ -50,15 +51,14 @@ from .vstar import VStarBench
 
 __all__ = ["BENCHMARKS", "Benchmark", "Preset", "Sample", "get_benchmark", "register_benchmark"]
 
-BENCHMARKS: dict[str, Benchmark] = {}
+#: name -> benchmark instance, in registration order (``--benchmark``, ``innersight list``)
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark", missing="unknown benchmark {name!r}; benchmarks: {choices}",
+                                           error=UserInputError)
 
 
 def register_benchmark(benchmark: Benchmark) -> Benchmark:
     """Add ``benchmark`` to :data:`BENCHMARKS` (``ValueError`` if its name is taken)."""
-    if benchmark.name in BENCHMARKS:
-        raise ValueError(f"benchmark {benchmark.name!r} registered twice")
-    BENCHMARKS[benchmark.name] = benchmark
-    return benchmark
+    return BENCHMARKS.register(benchmark.name, benchmark)
 
 
 for _cls in (TextVQA, VStarBench, DocVQA, POPE, CHAIR, GQA, AOKVQA, VQAv2, MME, AMBERGenerative, AMBERDiscriminative,
@@ -70,6 +70,4 @@ def get_benchmark(name: str | Benchmark) -> Benchmark:
     """The registered benchmark ``name`` (a :class:`Benchmark` is returned as is)."""
     if isinstance(name, Benchmark):
         return name
-    if name not in BENCHMARKS:
-        raise UserInputError(f"unknown benchmark {name!r}; benchmarks: {', '.join(sorted(BENCHMARKS))}")
-    return BENCHMARKS[name]
+    return BENCHMARKS.lookup(name)

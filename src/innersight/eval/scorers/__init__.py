@@ -13,26 +13,24 @@ non-standard protocols used by method papers (named after the paper or the parsi
 
 from __future__ import annotations
 
+from ...registry import Registry
 from . import amber, anls, chair, gqa, hrbench, micro, mme, pope, vqa, vstar
 from .base import Scorer
 
-__all__ = ["SCORERS", "Scorer", "get_scorer", "variants"]
+__all__ = ["SCORERS", "Scorer", "get_scorer", "register_scorer", "variants"]
+
+#: ``"<benchmark>/<variant>"`` -> scorer, in registration order
+SCORERS: Registry[Scorer] = Registry("scorer", missing="unknown scorer {name!r}; scorers: {choices}")
 
 
-def _registry(*groups: tuple[Scorer, ...]) -> dict[str, Scorer]:
-    registry: dict[str, Scorer] = {}
-    for group in groups:
-        for scorer in group:
-            if scorer.key in registry:
-                raise ValueError(f"scorer {scorer.key!r} registered twice")
-            registry[scorer.key] = scorer
-    return registry
+def register_scorer(scorer: Scorer) -> Scorer:
+    """Add ``scorer`` to :data:`SCORERS` under its key (``ValueError`` if the key is taken)."""
+    return SCORERS.register(scorer.key, scorer)
 
 
-SCORERS: dict[str, Scorer] = _registry(
-    vqa.SCORERS, pope.SCORERS, anls.SCORERS, gqa.SCORERS, mme.SCORERS, vstar.SCORERS, chair.SCORERS,
-    micro.SCORERS, amber.SCORERS, hrbench.SCORERS,
-)
+for _module in (vqa, pope, anls, gqa, mme, vstar, chair, micro, amber, hrbench):
+    for _scorer in _module.SCORERS:
+        register_scorer(_scorer)
 
 
 def variants(name: str) -> list[str]:
