@@ -131,6 +131,16 @@ def register(spec: MethodSpec) -> MethodSpec:
 
 
 @dataclass
+class Generated:
+    """One generate call of a plan: token ids per row, the batch it ran on, the decoding
+    processors' report of the call."""
+
+    ids: list[list[int]]
+    batch: Any
+    details: dict[str, Any]
+
+
+@dataclass
 class Plan:
     """The methods of one call, one slot per intervention point."""
 
@@ -169,9 +179,35 @@ class Plan:
         from .mllm import Answer, load_image_lists
 
         image_lists = load_image_lists(images)
-        extras: list[dict[str, Any]] = [{} for _ in questions]
-        for method in self.at("input"):
-            image_lists, extras = method.apply(mllm, image_lists, list(questions), template)
+
+        def generate(lists: list[list[Any]], texts: list[str], observers: Sequence[Any] = ()) -> Generated:
+            return self.generate(mllm, lists, texts, template=template, generation=generation, observers=observers)
+
+        answering = [m for m in self.at("input") if callable(getattr(m, "answer_rows", None))]
+        if answering:  # an input method that generates itself through the plan (ViCrop's early gate)
+            ids, prompts, extras, call_details = answering[0].answer_rows(mllm, image_lists, list(questions),
+                                                                          template, generate)
+        else:
+            extras: list[dict[str, Any]] = [{} for _ in questions]
+            for method in self.at("input"):
+                image_lists, extras = method.apply(mllm, image_lists, list(questions), template)
+            out = generate(image_lists, list(questions))
+            ids, prompts, call_details = out.ids, out.batch.prompts, out.details
+        answers = []
+        for row, q, p, extra in zip(ids, questions, prompts, extras):
+            answer = Answer(text=mllm.decode(row), question=q, prompt=p, methods=self.names, token_ids=row)
+            answer.box, answer.crop = extra.get("box"), extra.get("crop")
+            answer.maps = extra.get("maps", {})
+            answer.details = {"configs": self.configs(), **extra.get("details", {}), **call_details}
+            answers.append(answer)
+        return answers
+
+    def generate(self, mllm: MLLM, image_lists: list[list[Any]], questions: Sequence[str], *, template: str,
+                 generation: dict[str, Any], observers: Sequence[Any] = ()) -> Generated:
+        """Generate for these (final) images with the attention and decoding methods active.
+
+        ``observers``: logits processors run after every other (the methods', then the caller's),
+        that read the final scores and must return them unchanged (e.g. a confidence recorder)."""
         batch = mllm.prepare(image_lists, questions, template=template)
         with contextlib.ExitStack() as stack:
             for method in self.at("attention"):
@@ -184,9 +220,10 @@ class Plan:
             for processor in processors:
                 if hasattr(processor, "__enter__"):  # e.g. early-exit hooks, live for this call only
                     stack.enter_context(processor)
-            if processors:
-                generation = {**generation,
-                              "logits_processor": merge_processors(processors, generation.get("logits_processor"))}
+            if processors or observers:
+                merged = merge_processors(processors, generation.get("logits_processor"))
+                merged.extend(observers)
+                generation = {**generation, "logits_processor": merged}
             ids = mllm.generate(batch, **generation)
         # what the decoding processors report of this call (e.g. which negative branch ran)
         call_details: dict[str, Any] = {}
@@ -194,14 +231,7 @@ class Plan:
             report = getattr(processor, "details", None)
             if callable(report):
                 call_details.update(report())
-        answers = []
-        for row, q, p, extra in zip(ids, questions, batch.prompts, extras):
-            answer = Answer(text=mllm.decode(row), question=q, prompt=p, methods=self.names, token_ids=row)
-            answer.box, answer.crop = extra.get("box"), extra.get("crop")
-            answer.maps = extra.get("maps", {})
-            answer.details = {"configs": self.configs(), **extra.get("details", {}), **call_details}
-            answers.append(answer)
-        return answers
+        return Generated(ids, batch, call_details)
 
 
 def merge_processors(methods: Sequence[Any], user: Any = None) -> Any:
@@ -303,8 +333,8 @@ for _variant in ("rel-att", "grad-att", "pure-grad"):
             f"ViCrop: crop where the {_variant} map points, show the crop beside the image",
             "arXiv 2502.17422 (ICLR 2025)", key="vicrop", preset=(("variant", _variant),))
 _method("vicrop-gated", "input", "innersight.look.vicrop:ViCrop",
-        "ViCrop rel-att behind a crop gate: crop only when the map's peak-to-mean ratio reaches 20 (micro-calibrated)",
-        "arXiv 2502.17422 (ICLR 2025) + innersight gate", key="vicrop", preset=(("variant", "rel-att"),), defaults=(("gate", 20.0),))
+        "ViCrop rel-att behind an early crop gate: answer plainly, crop only where the question map is peaked and the answer unsure (micro-calibrated)",
+        "arXiv 2502.17422 (ICLR 2025) + innersight gate", key="vicrop", preset=(("variant", "rel-att"),), defaults=(("gate", 10.0), ("gate_confidence", 0.6)))
 _method("var", "attention", "innersight.attend.var:VAR",
         "VAR: move attention from sink tokens to the other image tokens in image-centric heads",
         "arXiv 2503.03321 (ICLR 2025)")
