@@ -12,6 +12,10 @@ answers with those thresholds (``tests/look/test_gate.py`` checks that identity 
     python benchmarks/bench_gate.py --seed 20262121 --n 200    # held-out sweep in BENCHMARKS.md
 
 ``--post-map`` adds the earlier post-map gate (peak-to-mean of the full rel-att map) for comparison.
+``--time`` instead times plain, ``vicrop-rel-att`` and ``vicrop-gated`` (its preset) per set,
+interleaved chunk by chunk (16 scenes) in this one process, with each run's accuracy and crop rate:
+
+    python benchmarks/bench_gate.py --seed 20262121 --n 200 --time   # the cost per set in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -61,11 +65,45 @@ def plain_signals(mllm: Any, images: list[Any], questions: list[str], batch_size
     return {k: (np.array(v) if k != "ids" else v) for k, v in out.items()}
 
 
+RUNS = ("plain", "vicrop-rel-att", "vicrop-gated")
+
+
+def time_runs(mllm: Any, world: Any, n: int, seed: int, chunk: int = 16) -> None:
+    """Seconds per answer, accuracy and crop rate of each run on each reading set (interleaved)."""
+    import time
+
+    from innersight.demo.run import is_correct
+
+    print("| set | " + " | ".join(f"{r} s/answer" for r in RUNS) + " | gated / plain | "
+          + " | ".join(f"{r} acc" for r in RUNS) + " | gated cropped |")
+    print("|---|" + "---|" * (2 * len(RUNS) + 2))
+    for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
+        samples = world.eval_samples("read", n, seed + i, size_class=size)
+        seconds = dict.fromkeys(RUNS, 0.0)
+        correct = {r: 0 for r in RUNS}
+        cropped = 0
+        for start in range(0, n, chunk):
+            part = samples[start:start + chunk]
+            images, questions = [s.image for s in part], [s.question for s in part]
+            for run in RUNS:
+                t0 = time.perf_counter()
+                answers = mllm.answer_batch(images, questions, methods=[] if run == "plain" else [run],
+                                            max_new_tokens=6, batch_size=chunk)
+                seconds[run] += time.perf_counter() - t0
+                correct[run] += sum(is_correct("read", a.text, s.answer) for a, s in zip(answers, part))
+                if run == "vicrop-gated":
+                    cropped += sum(bool(a.details[run]["cropped"]) for a in answers)
+        per = {r: seconds[r] / n for r in RUNS}
+        print(f"| {size} | " + " | ".join(f"{per[r]:.3f}" for r in RUNS) + f" | {per['vicrop-gated'] / per['plain']:.2f} | "
+              + " | ".join(f"{100 * correct[r] / n:.1f}" for r in RUNS) + f" | {100 * cropped / n:.0f}% |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=20262121)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--post-map", action="store_true", help="also sweep the post-map gate (full rel-att maps)")
+    p.add_argument("--time", action="store_true", help="time plain, vicrop-rel-att and vicrop-gated per set")
     args = p.parse_args(argv)
 
     import innersight
@@ -76,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mllm = innersight.load("micro")
     world = World(WorldConfig())
+    if args.time:
+        time_runs(mllm, world, args.n, args.seed)
+        return 0
     per_set: dict[str, dict[str, np.ndarray]] = {}
     for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
         samples = world.eval_samples("read", args.n, args.seed + i, size_class=size)

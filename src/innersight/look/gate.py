@@ -53,7 +53,7 @@ import torch
 
 #: the ``vicrop-gated`` preset (micro model, 64-cell maps, demo seed 20261121; BENCHMARKS.md):
 #: crop when the question map's peak-to-mean reaches this ...
-MICRO_THRESHOLD = 10.0
+MICRO_THRESHOLD = 12.0
 #: ... and the plain answer's first-token probability is below this
 MICRO_CONFIDENCE = 0.6
 
