@@ -1,11 +1,21 @@
-"""The ViCrop crop gate on the shipped micro model: per-sample map sharpness (peak-to-mean ratio),
-plain and ViCrop rel-att answers on the small- and large-symbol reading sets, and the accuracy and
-crop rate of the gated answer for a sweep of thresholds (the gated answer is ViCrop's where the
-map passes, the plain answer elsewhere: what ``vicrop-gated`` answers at that threshold).
+"""The ViCrop crop gate on the shipped micro model: the early gate's signals per sample and the
+accuracy / crop rate of the gated answer for sweeps of thresholds.
 
-    python benchmarks/bench_gate.py --seed 20262121 --n 200      # the held-out sweep in BENCHMARKS.md
+For each sample of the small- and large-symbol reading sets (drawn as the demo draws them): the
+plain answer with, from its own prefill, the raw question-attention map at ViCrop's layer (its
+statistics: peak-to-mean, top-mass, concentration; :mod:`innersight.look.gate`) and the first
+answer token's probability (confidence); and ViCrop rel-att's answer. The gated answer at a
+threshold is ViCrop's where the gate crops and the plain answer elsewhere: what ``vicrop-gated``
+answers with those thresholds (``tests/look/test_gate.py`` checks that identity on the model).
 
-The threshold 20 of ``vicrop-gated`` was chosen with ``--seed 20261121 --n 64`` (the demo seed).
+    python benchmarks/bench_gate.py --seed 20261121 --n 64     # calibration (the demo seed)
+    python benchmarks/bench_gate.py --seed 20262121 --n 200    # held-out sweep in BENCHMARKS.md
+
+``--post-map`` adds the earlier post-map gate (peak-to-mean of the full rel-att map) for comparison.
+``--time`` instead times plain, ``vicrop-rel-att`` and ``vicrop-gated`` (its preset) per set,
+interleaved chunk by chunk (16 scenes) in this one process, with each run's accuracy and crop rate:
+
+    python benchmarks/bench_gate.py --seed 20262121 --n 200 --time   # the cost per set in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -13,47 +23,147 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+SWEEPS = {
+    "peak-to-mean": (2, 3, 4, 5, 6, 8, 10, 15, 20),
+    "top-mass": (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5),
+    "concentration": (0.02, 0.05, 0.1, 0.15, 0.2, 0.3),
+    "confidence<": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+}
+
+#: the two-signal sweep: crop when confidence < c and the question map's peak-to-mean >= t
+PAIR_CONFIDENCE = (0.5, 0.6, 0.7, 0.8)
+PAIR_MAP = (1, 8, 10, 12, 15)
+
+
+def plain_signals(mllm: Any, images: list[Any], questions: list[str], batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Plain answers (token ids), question-map statistics and confidence, in chunks."""
+    from innersight.attention import layer_handlers
+    from innersight.look.gate import STATISTICS, FirstStepConfidence, PrefillCapture
+    from innersight.look.maps import grid_projection
+    from innersight.look.vicrop import ViCropConfig
+
+    config = ViCropConfig()
+    adapter = mllm.adapter
+    layer = config.resolve_layer(adapter)
+    out: dict[str, list[Any]] = {"ids": [], "confidence": [], **{k: [] for k in STATISTICS}}
+    for start in range(0, len(questions), batch_size):
+        batch = mllm.prepare(images[start:start + batch_size], questions[start:start + batch_size])
+        capture, confidence = PrefillCapture(), FirstStepConfidence()
+        with grid_projection(adapter, config.qformer_block) as project, \
+                layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
+            out["ids"] += mllm.generate(batch, max_new_tokens=6, logits_processor=[confidence])
+        mean = capture.probs.mean(dim=1)  # [B, L]
+        for b in range(len(batch)):
+            qmap, _ = project(mean[b], batch, b)
+            for name, stat in STATISTICS.items():
+                out[name].append(stat(qmap))
+        out["confidence"] += confidence.values.tolist()
+    return {k: (np.array(v) if k != "ids" else v) for k, v in out.items()}
+
+
+RUNS = ("plain", "vicrop-rel-att", "vicrop-gated")
+
+
+def time_runs(mllm: Any, world: Any, n: int, seed: int, chunk: int = 16) -> None:
+    """Seconds per answer, accuracy and crop rate of each run on each reading set (interleaved)."""
+    import time
+
+    from innersight.demo.run import is_correct
+
+    print("| set | " + " | ".join(f"{r} s/answer" for r in RUNS) + " | gated / plain | "
+          + " | ".join(f"{r} acc" for r in RUNS) + " | gated cropped |")
+    print("|---|" + "---|" * (2 * len(RUNS) + 2))
+    for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
+        samples = world.eval_samples("read", n, seed + i, size_class=size)
+        seconds = dict.fromkeys(RUNS, 0.0)
+        correct = {r: 0 for r in RUNS}
+        cropped = 0
+        for start in range(0, n, chunk):
+            part = samples[start:start + chunk]
+            images, questions = [s.image for s in part], [s.question for s in part]
+            for run in RUNS:
+                t0 = time.perf_counter()
+                answers = mllm.answer_batch(images, questions, methods=[] if run == "plain" else [run],
+                                            max_new_tokens=6, batch_size=chunk)
+                seconds[run] += time.perf_counter() - t0
+                correct[run] += sum(is_correct("read", a.text, s.answer) for a, s in zip(answers, part))
+                if run == "vicrop-gated":
+                    cropped += sum(bool(a.details[run]["cropped"]) for a in answers)
+        per = {r: seconds[r] / n for r in RUNS}
+        print(f"| {size} | " + " | ".join(f"{per[r]:.3f}" for r in RUNS) + f" | {per['vicrop-gated'] / per['plain']:.2f} | "
+              + " | ".join(f"{100 * correct[r] / n:.1f}" for r in RUNS) + f" | {100 * cropped / n:.0f}% |")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=20262121)
     p.add_argument("--n", type=int, default=200)
-    p.add_argument("--thresholds", default="5,10,15,20,25,30,40")
+    p.add_argument("--post-map", action="store_true", help="also sweep the post-map gate (full rel-att maps)")
+    p.add_argument("--time", action="store_true", help="time plain, vicrop-rel-att and vicrop-gated per set")
     args = p.parse_args(argv)
 
     import innersight
     from innersight.demo.run import is_correct
     from innersight.demo.world import World, WorldConfig
-    from innersight.look.gate import sharpness
+    from innersight.look.gate import peak_to_mean
     from innersight.look.vicrop import ViCropConfig, importance_maps
 
     mllm = innersight.load("micro")
     world = World(WorldConfig())
-    per_set = {}
+    if args.time:
+        time_runs(mllm, world, args.n, args.seed)
+        return 0
+    per_set: dict[str, dict[str, np.ndarray]] = {}
     for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
         samples = world.eval_samples("read", args.n, args.seed + i, size_class=size)
         images, questions = [s.image for s in samples], [s.question for s in samples]
-        maps = importance_maps(mllm, images, questions, ViCropConfig())
-        plain = mllm.answer_batch(images, questions, max_new_tokens=6, batch_size=16)
+        signals = plain_signals(mllm, images, questions)
         vicrop = mllm.answer_batch(images, questions, methods=["vicrop-rel-att"], max_new_tokens=6, batch_size=16)
-        sharp = np.array([sharpness(m) for m, _, _ in maps])
-        ok_plain = np.array([is_correct("read", a.text, s.answer) for a, s in zip(plain, samples)])
-        ok_vicrop = np.array([is_correct("read", a.text, s.answer) for a, s in zip(vicrop, samples)])
-        per_set[size] = (sharp, ok_plain, ok_vicrop)
-        print(f"{size}: plain {100 * ok_plain.mean():.1f}  vicrop-rel-att {100 * ok_vicrop.mean():.1f}  "
-              f"sharpness median {np.median(sharp):.1f}")
-    print("| threshold | small acc | small cropped | large acc | large cropped |")
-    print("|---|---|---|---|---|")
-    for t in (float(x) for x in args.thresholds.split(",")):
+        signals["ok_plain"] = np.array([is_correct("read", mllm.decode(ids), s.answer)
+                                        for ids, s in zip(signals["ids"], samples)])
+        signals["ok_vicrop"] = np.array([is_correct("read", a.text, s.answer) for a, s in zip(vicrop, samples)])
+        if args.post_map:
+            maps = importance_maps(mllm, images, questions, ViCropConfig())
+            signals["post-map peak-to-mean"] = np.array([peak_to_mean(m) for m, _, _ in maps])
+        per_set[size] = signals
+        medians = "  ".join(f"{k} median {np.median(signals[k]):.3g}"
+                            for k in ("peak-to-mean", "top-mass", "concentration", "confidence"))
+        print(f"{size}: plain {100 * signals['ok_plain'].mean():.1f}  vicrop-rel-att "
+              f"{100 * signals['ok_vicrop'].mean():.1f}  {medians}")
+        # where ViCrop helps and hurts, by the plain answer's confidence
+        helps = signals["ok_vicrop"] & ~signals["ok_plain"]
+        hurts = ~signals["ok_vicrop"] & signals["ok_plain"]
+        print(f"  vicrop fixes {helps.sum()} (median confidence {np.median(signals['confidence'][helps]) if helps.any() else float('nan'):.3f}),"
+              f" breaks {hurts.sum()} (median confidence {np.median(signals['confidence'][hurts]) if hurts.any() else float('nan'):.3f})")
+    sweeps = dict(SWEEPS)
+    if args.post_map:
+        sweeps["post-map peak-to-mean"] = (10, 15, 20, 25, 30)
+    for name, thresholds in sweeps.items():
+        print(f"\n| {name} | small acc | small cropped | large acc | large cropped |")
+        print("|---|---|---|---|---|")
+        for t in thresholds:
+            cells = []
+            for size in ("small", "large"):
+                s = per_set[size]
+                keep = s["confidence"] < t if name == "confidence<" else s[name] >= t
+                cells += [f"{100 * np.where(keep, s['ok_vicrop'], s['ok_plain']).mean():.1f}", f"{100 * keep.mean():.0f}%"]
+            print(f"| {t:g} | " + " | ".join(cells) + " |")
+    print("\n| confidence < \\ peak-to-mean >= | " + " | ".join(f"{t:g}" for t in PAIR_MAP) + " |")
+    print("|---|" + "---|" * len(PAIR_MAP))
+    for c in PAIR_CONFIDENCE:  # each cell: small acc / small cropped, large acc / large cropped
         cells = []
-        for size in ("small", "large"):
-            sharp, ok_plain, ok_vicrop = per_set[size]
-            keep = sharp >= t
-            cells += [f"{100 * np.where(keep, ok_vicrop, ok_plain).mean():.1f}", f"{100 * keep.mean():.0f}%"]
-        print(f"| {t:g} | " + " | ".join(cells) + " |")
+        for t in PAIR_MAP:
+            parts = []
+            for size in ("small", "large"):
+                s = per_set[size]
+                keep = (s["confidence"] < c) & (s["peak-to-mean"] >= t)
+                parts.append(f"{100 * np.where(keep, s['ok_vicrop'], s['ok_plain']).mean():.1f}/{100 * keep.mean():.0f}%")
+            cells.append(", ".join(parts))
+        print(f"| {c:g} | " + " | ".join(cells) + " |")
     return 0
 
 

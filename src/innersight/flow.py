@@ -11,6 +11,10 @@
         ids = mllm.generate(batch, **generation)              # 5. generate
     return make_answers(...)                                  # 6. decode, attach what methods report
 
+Steps 3-5 are :meth:`Plan.generate`. An input method that must generate more than once (ViCrop's
+early crop gate: the plain answer first, then the crop only where the gate crops) implements
+:class:`innersight.points.AnswersRows` and calls that same ``generate`` itself.
+
 A :class:`Plan` is the methods of one call, typed by point (:mod:`innersight.points`); it is made by
 :func:`innersight.methods.resolve_methods`. Layering, with no import loop: ``mllm`` -> ``flow`` ->
 ``points``; ``methods`` -> ``flow``; ``mllm`` reaches ``methods`` only inside ``answer_batch``.
@@ -28,6 +32,7 @@ from .errors import MethodError, UserInputError
 from .points import (
     HOOKS,
     PROTOCOLS,
+    AnswersRows,
     AttentionMethod,
     Configured,
     DecodingMethod,
@@ -43,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .methods import MethodSpec
     from .mllm import MLLM
 
-__all__ = ["Answer", "ImageLike", "Plan", "load_image_lists", "build_batch", "apply_input", "activate_attention",
+__all__ = ["Answer", "Generated", "ImageLike", "Plan", "load_image_lists", "build_batch", "apply_input", "activate_attention",
            "prepare_decoding", "decoding_generation", "merge_processors", "make_answers"]
 
 
@@ -116,6 +121,16 @@ def build_batch(adapter: Adapter, image_lists: list[list[Any]], questions: Seque
     return adapter.prepare(image_lists, prompts)
 
 
+@dataclass
+class Generated:
+    """One generate call of a plan: token ids per row, the batch it ran on, and what the decoding
+    processors report of the call (e.g. which negative branch ran)."""
+
+    ids: list[list[int]]
+    batch: Batch
+    details: dict[str, Any]
+
+
 # ---------------------------------------------------------------------- the plan
 @dataclass
 class Plan:
@@ -176,13 +191,34 @@ class Plan:
         stopping criteria are handed to ``generate`` unchanged."""
         check_questions(images, questions)
         image_lists = load_image_lists(images)  # 1. the only normalisation of this answer
+        answering = [m for m in self.input_methods if isinstance(m, AnswersRows)]
+        if answering:  # an input method that generates through the plan itself (ViCrop's early gate)
+            def generate(lists: list[list[Any]], texts: list[str], observers: Sequence[Any] = ()) -> Generated:
+                return self.generate(mllm, lists, texts, template=template, generation=generation, observers=observers)
+
+            ids, prompts, extras, details = answering[0].answer_rows(mllm, image_lists, list(questions), template,
+                                                                     generate)
+            return make_answers(self, mllm, ids, questions, prompts, extras, details)
         image_lists, extras = apply_input(self, mllm, image_lists, list(questions), template)  # 2.
+        out = self.generate(mllm, image_lists, questions, template=template, generation=generation)  # 3.-5.
+        return make_answers(self, mllm, out.ids, questions, out.batch.prompts, extras, out.details)  # 6.
+
+    def generate(self, mllm: MLLM, image_lists: list[list[Any]], questions: Sequence[str], *, template: str,
+                 generation: dict[str, Any], observers: Sequence[Any] = ()) -> Generated:
+        """Steps 3-5 for these (final) images: the batch, the attention methods active, the decoding
+        methods' processors, ``generate``. ``observers`` are logits processors run after every other
+        (the methods', then the caller's) that read the final scores and return them unchanged (e.g.
+        a confidence recorder)."""
         batch = build_batch(mllm.adapter, image_lists, questions, template)
         with contextlib.ExitStack() as stack:
             activate_attention(stack, self, mllm, batch)  # 3.
             generation, processors = prepare_decoding(stack, self, mllm, batch, generation)  # 4.
+            if observers:
+                merged = merge_processors(processors, generation.get("logits_processor"))
+                merged.extend(observers)
+                generation = {**generation, "logits_processor": merged}
             ids = mllm.generate(batch, **generation)  # 5.
-        return make_answers(self, mllm, ids, questions, batch.prompts, extras, processors)  # 6.
+        return Generated(ids, batch, call_details(processors))
 
 
 # ---------------------------------------------------------------------- the steps, in order
@@ -248,15 +284,21 @@ def merge_processors(methods: Sequence[Any], user: Any = None) -> Any:
     return LogitsProcessorList([*methods, *extra])
 
 
-def make_answers(plan: Plan, mllm: MLLM, ids: list[list[int]], questions: Sequence[str], prompts: Sequence[str],
-                 extras: list[dict[str, Any]], processors: Sequence[Any]) -> list[Answer]:
-    """6. One :class:`Answer` per sample: decoded text, the input methods' box / crop / maps, and
-    in ``details`` the methods' configs, the input methods' details and what each processor reports
-    of this call (e.g. which negative branch ran)."""
-    call_details: dict[str, Any] = {}
+def call_details(processors: Sequence[Any]) -> dict[str, Any]:
+    """What each processor reports of its ``generate`` call (e.g. which negative branch ran)."""
+    details: dict[str, Any] = {}
     for processor in processors:
         if isinstance(processor, ReportsDetails) and callable(processor.details):
-            call_details.update(processor.details())
+            details.update(processor.details())
+    return details
+
+
+def make_answers(plan: Plan, mllm: MLLM, ids: list[list[int]], questions: Sequence[str], prompts: Sequence[str],
+                 extras: list[dict[str, Any]], details: dict[str, Any]) -> list[Answer]:
+    """6. One :class:`Answer` per sample: decoded text, the input methods' box / crop / maps, and
+    in ``details`` the methods' configs, the input methods' details and ``details``, what the
+    processors reported of the generate call(s) (:func:`call_details`)."""
+    call_details = details
     answers = []
     for row, question, prompt, extra in zip(ids, questions, prompts, extras):
         answer = Answer(text=mllm.decode(row), question=question, prompt=prompt, methods=plan.names, token_ids=row)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mllm import MLLM
 
 __all__ = ["POINTS", "InputMethod", "AttentionMethod", "DecodingMethod", "Method", "OverridesGeneration",
-           "ScopedProcessor", "ReportsDetails", "BenchmarkGeneration", "Configured", "PROTOCOLS", "HOOKS"]
+           "ScopedProcessor", "ReportsDetails", "BenchmarkGeneration", "AnswersRows", "Configured", "PROTOCOLS", "HOOKS"]
 
 #: the intervention points, in the order the flow visits them
 POINTS: tuple[str, ...] = ("input", "attention", "decoding")
@@ -116,6 +116,18 @@ class BenchmarkGeneration(Protocol):
     """A method that asks for generation settings on a named benchmark (read by the runner)."""
 
     def benchmark_generation(self, benchmark: str) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class AnswersRows(Protocol):
+    """An input method that generates through the plan itself (ViCrop's early crop gate: answer
+    plainly first, then again with the crop only where the gate crops). ``generate(image_lists,
+    questions, observers=())`` is the plan's own generate with the attention and decoding methods
+    active (:meth:`innersight.flow.Plan.generate`, returning a :class:`innersight.flow.Generated`);
+    the method returns ``(ids, prompts, extras, details)``, one row per question in input order."""
+
+    def answer_rows(self, mllm: MLLM, image_lists: list[ImageList], questions: list[str], template: str,
+                    generate: Any) -> tuple[list[list[int]], list[str], list[dict[str, Any]], dict[str, Any]]: ...
 
 
 @runtime_checkable

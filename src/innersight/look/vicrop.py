@@ -86,9 +86,19 @@ class ViCropConfig:
     tile_max_side: int | None = field(default=None, metadata={"source": "arXiv 2502.17422 V* setting: 1024"})
     #: most rows (prompts) per forward pass while mapping; tiles and samples are chunked to it
     max_batch: int = 16
-    #: crop gate (:mod:`innersight.look.gate`): crop only when the map's peak-to-mean ratio is at
-    #: least this; None (default, the paper) always crops
-    gate: float | None = field(default=None, metadata={"source": "innersight: peak-to-mean gate, micro-calibrated 20"})
+    #: crop gate (:mod:`innersight.look.gate`): crop only when the gate map's ``gate_statistic``
+    #: reaches this; None (default, the paper: always crop, unless ``gate_confidence`` is set)
+    gate: float | None = field(default=None, metadata={"source": "innersight crop gate (look/gate.py)"})
+    #: the statistic the gate reads from its map: peak-to-mean, top-mass or concentration
+    gate_statistic: str = field(default="peak-to-mean", metadata={"source": "innersight crop gate (look/gate.py)"})
+    #: the gate's map: "question", the plain answer's own prefill attention at the map layer (the
+    #: early gate: the plain answer is the answer where it does not crop); "rel-att", the full
+    #: rel-att map (the post-map gate: every sample pays for the map)
+    gate_map: str = field(default="question", metadata={"source": "innersight crop gate (look/gate.py)"})
+    #: early gate only: crop only when the plain answer's first-token probability is below this
+    #: (None: the confidence does not decide)
+    gate_confidence: float | None = field(default=None, metadata={
+        "source": "max softmax probability, Hendrycks & Gimpel arXiv 1610.02136"})
     #: rel-att: encode each image and the prompt prefix its two rows share once (vision pass and
     #: decoder prefix run for one row, the question and generic rows continue from its KV cache;
     #: :mod:`innersight.look.prefix`); False, or a family it does not apply to: the joint batch
@@ -111,8 +121,26 @@ class ViCropConfig:
             raise MethodError(f"vicrop map_question must be one of {', '.join(MAP_QUESTIONS)}, not {self.map_question!r}")
         if self.max_new_tokens is not None and (isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1):
             raise MethodError("vicrop max_new_tokens must be at least 1 (or None)")
-        if self.gate is not None and not self.gate >= 1:
-            raise MethodError("vicrop gate must be a peak-to-mean ratio >= 1 (or None: always crop)")
+        self._check_gate()
+
+    def _check_gate(self) -> None:
+        from .gate import GATE_MAPS, STATISTIC_RANGES
+
+        if self.gate_statistic not in STATISTIC_RANGES:
+            raise MethodError(f"vicrop gate_statistic must be one of {', '.join(STATISTIC_RANGES)}, not {self.gate_statistic!r}")
+        if self.gate_map not in GATE_MAPS:
+            raise MethodError(f"vicrop gate_map must be one of {', '.join(GATE_MAPS)}, not {self.gate_map!r}")
+        low, high = STATISTIC_RANGES[self.gate_statistic]
+        if self.gate is not None and not low <= self.gate <= high:
+            raise MethodError(f"vicrop gate must be a {self.gate_statistic} value in [{low:g}, {high:g}] "
+                              "(or None: the map does not decide)")
+        if self.gate_confidence is not None and not 0.0 < self.gate_confidence <= 1.0:
+            raise MethodError("vicrop gate_confidence must be a probability in (0, 1] (or None)")
+        if self.gate_confidence is not None and self.gate_map != "question":
+            raise MethodError("vicrop gate_confidence needs the plain answer: gate_map must be 'question'")
+        if self.variant != "rel-att" and (self.gate is not None or self.gate_confidence is not None):
+            # the gate's map is rel-att's layer and projection (and the post-map gate reads rel-att maps)
+            raise MethodError("the vicrop crop gate is defined for the rel-att variant only")
 
     @property
     def rows_per_image(self) -> int:
@@ -294,17 +322,43 @@ class ViCrop:
     def apply(self, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str) -> tuple[list[list[Any]], list[dict[str, Any]]]:
         if any(len(ims) != 1 for ims in image_lists):
             raise MethodError("vicrop works on one image per question")
-        images = [ims[0] for ims in image_lists]
-        from .gate import keeps_crop, sharpness
+        from . import gate as G
 
+        if G.early_gate(self.config):  # no generate here: the gate reads one plain forward
+            return G.apply_rows(self, mllm, image_lists, questions, template)
+        return self.crop_rows(image_lists, questions, mllm, template)
+
+    def crop_rows(self, image_lists: list[list[Any]], questions: list[str], mllm: Any,
+                  template: str) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+        """Map, box and crop for every sample; the post-map gate (``gate_map="rel-att"``) may
+        drop a crop whose map is not sharp enough."""
+        from .gate import STATISTICS, keeps_crop
+
+        images = [ims[0] for ims in image_lists]
         results = choose_crops(mllm, images, questions, self.config, template)
-        keep = [keeps_crop(r.map, self.config.gate) for r in results]
+        post_map = self.config.gate if self.config.gate_map == "rel-att" else None
+        keep = [keeps_crop(r.map, post_map, self.config.gate_statistic) for r in results]
         new_lists = [[im, r.crop] if k else [im] for im, r, k in zip(images, results, keep)]
         extras = [{"box": r.box if k else None, "crop": r.crop if k else None,
                    "maps": {"importance": r.map, **r.maps},
                    "details": {self.name: {"variant": self.config.variant, "box": list(r.box),
                                           "map_region": list(r.map_region),
                                           "tiles": None if r.tiles is None else [r.tiles.rows, r.tiles.cols],
-                                          "sharpness": sharpness(r.map), "cropped": k}}}
+                                          "sharpness": STATISTICS["peak-to-mean"](r.map), "cropped": k}}}
                   for r, k in zip(results, keep)]
         return new_lists, extras
+
+    def answer_rows(self, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str,
+                    generate: Any) -> tuple[list[list[int]], list[str], list[dict[str, Any]], dict[str, Any]]:
+        """Answer through the plan's ``generate`` (:meth:`innersight.flow.Plan.run`): behind
+        the early gate, plainly first and ViCrop where the gate crops
+        (:func:`innersight.look.gate.answer_rows`); otherwise :meth:`apply`, then one generate."""
+        if any(len(ims) != 1 for ims in image_lists):
+            raise MethodError("vicrop works on one image per question")
+        from . import gate as G
+
+        if G.early_gate(self.config):
+            return G.answer_rows(self, mllm, image_lists, questions, template, generate)
+        lists, extras = self.apply(mllm, image_lists, questions, template)
+        out = generate(lists, questions)
+        return out.ids, list(out.batch.prompts), extras, out.details
