@@ -20,6 +20,10 @@ TEXT_ONLY = {"llava": "model", "llava_next": "model", "instructblip": "causal_lm
              "qwen2_vl": "model", "qwen2_5_vl": "model"}
 BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0}
 SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": False, "qwen2_5_vl": False}
+#: Gemma 3: the whole model runs without pixels; soft tokens are the cells of the t x t grid; no
+#: prefix sharing (its prompts need token_type_ids, and sliding-window layers keep only the last
+#: window of keys, so a suffix pass cannot see the prefix's whole row)
+TEXT_ONLY["gemma3"], BLOCKS["gemma3"], SHARES_PREFIX["gemma3"] = "model", 0, False
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
