@@ -220,6 +220,10 @@ def test_hallucination_split_micro_chair(tiny_mllm, monkeypatch):
 
 
 # ---------------------------------------------------------------------- every family
+#: families (besides Qwen) whose vision tower has no [CLS] token (Gemma 3: SigLIP)
+NO_CLS = ("gemma3",)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family(tiny_mllm, family):
     mllm = tiny_mllm(family)
@@ -235,11 +239,11 @@ def test_every_family(tiny_mllm, family):
         n = record["n_tokens"]
         if family in TOKENS:
             assert n == TOKENS[family]
-        else:  # Qwen: one ranked token per merged image token
+        else:  # Qwen, Gemma 3: one ranked token per (pooled) LM image token
             assert n == mllm.prepare([_image(0)], ["q"]).layouts[0][0].num_tokens
         assert len(record["h"]) == min(10, n)
         assert all(0.0 <= h <= 1.0 for h in record["h"]) and 0.0 < record["f"] <= 1.0
-    no_cls = family.startswith("qwen") or family in NO_CLS  # Qwen's ViT, SigLIP: DAMRO's substitute
+    no_cls = family.startswith("qwen") or family in NO_CLS  # the towers without a [CLS]: the substitute
     assert numbers["cls"] is (not no_cls)
     assert ("substitute" in numbers["vision_ranking"]) is no_cls
     assert numbers["decoder_layers"] == list(range(mllm.adapter.num_layers))

@@ -19,6 +19,12 @@ concatenated in row order; ``n = 0`` bypasses the handlers (the whole forward ru
 :func:`handler_row_limit` reads the scope, for hooks that belong to a method (e.g. VAR's sink
 detection on the layers' inputs) and must follow it too.
 
+Key columns. A handler's key column ``j`` is sequence position ``key_start(module, Lq, Lk) + j``
+(:func:`key_start`): 0 for a full cache, but a sliding-window cache layer (Gemma 3, Mistral) hands
+the attention only its last ``window - 1`` cached keys plus the new ones, so at a decoding step
+column 0 is a later position. :func:`layer_handlers` records, per handled module and forward, how
+many positions its cache layer held before the call.
+
 Handlers see the same arguments as a transformers attention function::
 
     handler(module, query [B, H, Lq, D], key [B, Hkv, Lk, D], value [B, Hkv, Lk, D],
@@ -37,6 +43,7 @@ import torch
 IMPLEMENTATION = "innersight"
 _HANDLER_ATTR = "_innersight_attention_handler"
 _ROWS_ATTR = "_innersight_handler_rows"
+_PAST_ATTR = "_innersight_cached_positions"
 
 Handler = Callable[..., tuple[torch.Tensor, Any]]
 
@@ -183,6 +190,29 @@ def handler_row_limit(module: Any) -> int | None:
     return getattr(module, _ROWS_ATTR, None)
 
 
+def _record_cached_positions(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of a handled attention module: how many positions its cache layer held
+    before this call (None without a cache or a layer index)."""
+    from .generation_calls import find_cache
+
+    _, cache = find_cache(kwargs)
+    index = getattr(module, "layer_idx", None)
+    past = int(cache.get_seq_length(index)) if cache is not None and index is not None else None
+    setattr(module, _PAST_ATTR, past)
+
+
+def key_start(module: Any, query_length: int, key_length: int) -> int:
+    """The sequence position of key column 0 in a forward of attention ``module`` (inside
+    :func:`layer_handlers`) with ``query_length`` queries and ``key_length`` keys: the positions
+    seen so far (cached + new) minus the keys handed over. 0 unless the layer's cache dropped early
+    keys (a sliding window at a decoding step, or a prompt longer than the window); 0 as well when
+    no cache was passed (the keys are the whole sequence)."""
+    past = getattr(module, _PAST_ATTR, None)
+    if past is None:
+        return 0
+    return max(0, int(past) + int(query_length) - int(key_length))
+
+
 @contextlib.contextmanager
 def layer_handlers(model: Any, layers: Any, handlers: dict[int, Handler]) -> Iterator[None]:
     """Route decoder layers ``handlers`` keys through their handler inside the block.
@@ -193,6 +223,7 @@ def layer_handlers(model: Any, layers: Any, handlers: dict[int, Handler]) -> Ite
     register()
     previous = text_attention(model)
     installed: list[Any] = []
+    hooks: list[Any] = []
     try:
         set_text_attention(model, IMPLEMENTATION)
         for idx, handler in handlers.items():
@@ -201,9 +232,13 @@ def layer_handlers(model: Any, layers: Any, handlers: dict[int, Handler]) -> Ite
                 raise RuntimeError(f"layer {idx} already has an innersight attention handler")
             setattr(attn, _HANDLER_ATTR, handler)
             installed.append(attn)
+            hooks.append(attn.register_forward_pre_hook(_record_cached_positions, with_kwargs=True))
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         for attn in installed:
-            with contextlib.suppress(AttributeError):
-                delattr(attn, _HANDLER_ATTR)
+            for attr in (_HANDLER_ATTR, _PAST_ATTR):
+                with contextlib.suppress(AttributeError):
+                    delattr(attn, attr)
         set_text_attention(model, previous)

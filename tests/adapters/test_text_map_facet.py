@@ -24,6 +24,10 @@ SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen
 #: rows of an image input per image where it is not one: InternVL's tiles, a 70x50 image on the tiny
 #: (aspect 1.4: 1x1 and 2x2 both miss by 0.4, 3500 px > half of 2x2 tiles of 32 px -> 2x2 + thumbnail)
 ROWS_PER_IMAGE = {"internvl": 5}
+#: Gemma 3: the whole model runs without pixels; soft tokens are the cells of the t x t grid; no
+#: prefix sharing (its prompts need token_type_ids, and sliding-window layers keep only the last
+#: window of keys, so a suffix pass cannot see the prefix's whole row)
+TEXT_ONLY["gemma3"], BLOCKS["gemma3"], SHARES_PREFIX["gemma3"] = "model", 0, False
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:

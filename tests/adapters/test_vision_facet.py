@@ -44,6 +44,11 @@ TILED = ("llava_next", "llava_onevision")
 INTERNVL_TILES = {(90, 60): 5, (50, 80): 3}
 #: the attribute of a vision layer that holds its self-attention, where it is not ``self_attn``
 ATTENTION_ATTR = {"qwen2_vl": "attn", "qwen2_5_vl": "attn", "internvl": "attention"}
+#: Gemma 3: 64 px / patch 8 = 8x8 SigLIP patches (no CLS), the projector reads the last of 2 layers
+#: (layers[1]), 2x2 patches average-pooled into each of the 4x4 = 16 LM tokens
+FACTS["gemma3"] = (2, 1, False, 2, 64, 16)
+#: families whose LM image tokens pool several vision patches (scores averaged per token)
+POOLED = ("qwen2_vl", "qwen2_5_vl", "gemma3")
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
@@ -154,13 +159,13 @@ def test_queries_keys_and_scored_views_by_hand(tiny_mllm, family):
         assert adapter.scored_vision_rows(batch, first + second).tolist() == [first - 1, first + second - 1]
         torch.testing.assert_close(views[0][0], q[first - 1])  # the thumbnail, each image's last tile
         torch.testing.assert_close(views[1][0], q[first + second - 1])
-    elif cls:
-        assert adapter.scored_vision_rows(batch, 2).tolist() == [0, 1]
-        torch.testing.assert_close(views[1][0], q[1])
-    else:  # Qwen: one flat sequence, images bounded by cu_seqlens
+    elif family.startswith("qwen"):  # Qwen: one flat sequence, images bounded by cu_seqlens
         bounds = kwargs["cu_seqlens"].tolist()
         assert bounds[1] - bounds[0] == length
         torch.testing.assert_close(views[1][0], q[0][:, bounds[1]:bounds[2]])
+    else:  # one vision sequence per image ([CLS] first where there is one; Gemma 3: patches only)
+        assert adapter.scored_vision_rows(batch, 2).tolist() == [0, 1]
+        torch.testing.assert_close(views[1][0], q[1])
     with pytest.raises(MethodError):
         adapter.scored_vision_rows(batch, 7)
 
@@ -181,14 +186,19 @@ def test_pooled_scores_per_candidate_by_hand(tiny_mllm, family):
         with pytest.raises(MethodError, match="patch scores"):
             adapter.pool_vision_scores(batch, 0, per_token[:-1])
         return
-    if not family.startswith("qwen"):
+    if family not in POOLED:
         torch.testing.assert_close(pooled, per_token)  # one candidate per patch
         return
-    # Qwen: the mean over the 2x2 patches of each merged token, in tower order
+    # Qwen, Gemma 3: the mean over the 2x2 patches of each LM token, in tower order
     owner = adapter.vision_patch_token_index(batch, 0).tolist()
     expected = [sum(p for p in range(length) if owner[p] == m) / owner.count(m) for m in range(candidates)]
     assert all(owner.count(m) == 4 for m in range(candidates))
     torch.testing.assert_close(pooled, torch.tensor(expected))
+    if family == "gemma3":
+        # by hand: patch (i, j) of the 8x8 grid scores 8i + j; token (r, c) pools patches 2r..2r+1 x
+        # 2c..2c+1, whose mean is 8(2r + 0.5) + (2c + 0.5) = 16r + 2c + 4.5
+        by_hand = torch.tensor([16.0 * r + 2 * c + 4.5 for r in range(4) for c in range(4)])
+        torch.testing.assert_close(pooled, by_hand)
 
 
 # ---------------------------------------------------------------------- candidates and re-encoding

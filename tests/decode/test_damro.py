@@ -537,12 +537,15 @@ def test_negative_cache_steps_equal_an_uncached_forward(tiny_mllm, image, family
         new = input_ids[:, prompt:]  # [B, t]
         t = new.shape[1]
         step = torch.arange(1, t + 1, device=neg.position_ids.device)
+        ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [2, Ln + t]
+        mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(2, t)], 1)  # [2, Ln + t]
         with torch.no_grad():
             out = module(
                 inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
-                attention_mask=torch.cat([neg.attention_mask, neg.attention_mask.new_ones(2, t)], 1),
+                attention_mask=mask,
                 position_ids=torch.cat([neg.position_ids, neg.position_ids[..., -1:] + step], -1),
                 use_cache=False,
+                **neg.extra_inputs(mllm.adapter, ids, mask),  # Gemma 3: the image block's token_type_ids
             )
         torch.testing.assert_close(out.logits[:, -1].float(), logits, atol=1e-4, rtol=1e-4)
 

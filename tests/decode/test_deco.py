@@ -264,10 +264,11 @@ def test_deco_generate_equals_hand_oracle(tiny_mllm, family, image, greedy_oracl
     mllm = tiny_mllm(family)
     adapter = mllm.adapter
     alpha, layers = 40.0, (1, adapter.num_layers)
+    every = range(layers[0], layers[1] + 1)  # DeCo's (first, last) is an inclusive range of layers
 
     def choose(final, hs):
         early = []
-        for i in layers:
+        for i in every:
             h = hs[i] if i == adapter.num_layers else adapter.final_norm(hs[i])  # hs[-1] already normed
             early.append(adapter.lm_head(h).float())
         p = torch.softmax(final.double(), -1)

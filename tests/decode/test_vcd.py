@@ -230,11 +230,13 @@ def test_vcd_steps_are_the_closed_form_of_both_branches(tiny_mllm, image, family
         # the negative logits: an uncached forward of the noised prompt + the tokens so far
         new = input_ids[:, prompt:]
         step = torch.arange(1, new.shape[1] + 1, device=neg.position_ids.device)
+        ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [B, Ln + t]
+        mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1)  # [B, Ln + t]
         with torch.no_grad():
-            full = module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
-                          attention_mask=torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1),
+            full = module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1), attention_mask=mask,
                           position_ids=torch.cat([neg.position_ids, neg.position_ids[..., -1:] + step], -1),
-                          use_cache=False).logits[:, -1].float()
+                          use_cache=False,
+                          **neg.extra_inputs(mllm.adapter, ids, mask)).logits[:, -1].float()  # Gemma 3: token_type_ids
         torch.testing.assert_close(negative, full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(seen[0][3], contrast(seen[0][1], seen[0][2], alpha=1.0, beta=0.1))
 

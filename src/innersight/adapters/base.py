@@ -347,6 +347,15 @@ class Adapter(ABC):
         positions = mask.long().cumsum(-1) - 1  # [B, L]
         return positions.masked_fill(mask == 0, 0)
 
+    def built_prompt_inputs(self, ids: torch.Tensor, mask: torch.Tensor, batch: Batch) -> dict[str, Any]:
+        """Extra model inputs for a prompt a method built from ``batch`` and runs itself (spliced or
+        shortened images, the image-free branch, stacked prompts): ``ids`` [B', L] hold the image
+        token id at every image position, ``mask`` [B', L] is left-padded. Whatever the model's
+        forward needs beyond ids / embeddings, mask and positions to see the prompt as its own
+        processor would have built it (Gemma 3: ``token_type_ids`` for bidirectional image
+        attention). The base: nothing."""
+        return {}
+
     # ------------------------------------------------------------------ layouts
     def image_layouts(self, batch: Batch) -> list[list[ImageLayout]]:
         """Per sample, per image: the positions of its tokens and the grid views they form."""

@@ -224,6 +224,12 @@ class Gemma3Adapter(Adapter):
         each image's tokens attend to each other bidirectionally only when these are passed."""
         return (input_ids == self.image_token_id).long()
 
+    def built_prompt_inputs(self, ids: torch.Tensor, mask: torch.Tensor, batch: Batch | None) -> dict[str, Any]:
+        """``token_type_ids`` of a prompt a method built (a spliced or noised image, outlier tokens,
+        the image-free branch): without them the model attends to the image block causally, a
+        silently different model from the one its processor's prompts run."""
+        return {"token_type_ids": self.token_type_ids(ids)}
+
     # ------------------------------------------------------------------ layouts
     def num_image_tokens(self, batch: Batch, image_index: int, size: tuple[int, int]) -> int:
         """``t * t`` soft tokens for the image and as many again per pan-and-scan crop."""
@@ -254,6 +260,68 @@ class Gemma3Adapter(Adapter):
         s, k, t = self.patches_per_side, self.pool_kernel, self.tokens_per_side
         rows = torch.arange(s).div(k, rounding_mode="floor")  # [s]
         return (rows[:, None] * t + rows[None, :]).flatten()  # [s * s]
+
+    # ------------------------------------------------------------------ vision facet
+    # SigLIP has no [CLS] (the base's check finds no class_embedding: DAMRO's documented substitute,
+    # the attention each patch receives, ranks the patches) and runs one ``[N_views, s*s, D]``
+    # sequence per view: each image's original, then its pan-and-scan crops. The projector
+    # average-pools ``k x k`` patches into each language-model token, so an image's candidates are
+    # the ``t*t`` tokens of its original view, read from the projector's output (already projected:
+    # re-encoding a subset is the subset itself, the base's answer), and per-patch scores are
+    # averaged over each token's patches.
+
+    def views_per_image(self, batch: Batch) -> list[int]:
+        """Sequences the vision tower runs for each image of ``batch`` (flat): the original plus one
+        per pan-and-scan crop."""
+        return [1 + len(self.crop_boxes(size)) for sizes in batch.image_sizes for size in sizes]
+
+    def _view_starts(self, batch: Batch, rows: int, what: str) -> list[int]:
+        """First row of each image among ``rows`` vision rows (``[N_views, ...]``); a row count
+        that is not the batch's views is a clear error."""
+        from ..errors import MethodError
+
+        counts = self.views_per_image(batch)
+        if sum(counts) != rows:
+            raise MethodError(f"{self.family}: {what} hold {rows} views but the batch's images have {sum(counts)}")
+        return [sum(counts[:i]) for i in range(len(counts))]
+
+    def scored_vision_rows(self, batch: Batch, rows: int) -> torch.Tensor:
+        """Each image's original view: the first of its rows (the crops follow it)."""
+        import torch
+
+        return torch.tensor(self._view_starts(batch, rows, "the vision tower's rows"), dtype=torch.long)
+
+    def pool_vision_scores(self, batch: Batch, image_index: int, scores: torch.Tensor) -> torch.Tensor:
+        """The mean score of the ``k x k`` patches average-pooled into each language-model token:
+        ``[s*s]`` row-major patches -> ``[t*t]`` row-major tokens (:meth:`vision_patch_token_index`)."""
+        import torch
+
+        owner = self.vision_patch_token_index(batch, image_index).to(scores.device)  # [s*s]
+        sums = torch.zeros(self.tokens_per_view, device=scores.device).index_add_(0, owner, scores.float())  # [t*t]
+        return sums / float(self.pool_kernel**2)
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The projector: its output ``[N_views, t*t, D]`` holds every view's tokens, projected."""
+        return self.projector
+
+    def image_features(self, batch: Batch, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Per image: the tokens of its original view and then of each crop, ``[n_i, D]`` (the
+        prompt's order; ``get_image_features`` gives one row per view)."""
+        import torch
+
+        rows = self.model.get_image_features(pixel_values, return_dict=True).pooler_output  # [N_views, t*t, D]
+        starts = self._view_starts(batch, int(rows.shape[0]), "the image features")
+        counts = self.views_per_image(batch)
+        return [torch.cat(list(rows[a:a + n]), dim=0) for a, n in zip(starts, counts)]
+
+    def vision_input_index(self, batch: Batch, image_index: int) -> int | slice:
+        """The image's rows of ``pixel_values`` ``[N_views, 3, S, S]``: one row (its index) without
+        crops, else the original's row and its crops' rows."""
+        starts = self._view_starts(batch, int(batch.inputs["pixel_values"].shape[0]), "pixel_values")
+        count = self.views_per_image(batch)[image_index]
+        start = starts[image_index]
+        return start if count == 1 else slice(start, start + count)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

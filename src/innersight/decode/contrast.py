@@ -45,9 +45,11 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   ``position_ids`` (``[B, 1]``, or ``[4, B, 1]`` for Qwen's M-RoPE: text row + 3 M-RoPE rows),
   which ``generate`` passes at every step and the pre-hook extends; a missing one is refused
   loudly, never guessed. Greedy search and sampling never look at the cache's batch size. The
-  main rows' keys, values, mask and positions are exactly those of a plain run. When the branch
-  cannot batch (no cache found, ``use_cache=False``, a static, sliding-window or quantised
-  cache) it runs serially with the same tokens and says so: :meth:`NegativeBranch.details`
+  main rows' keys, values, mask and positions are exactly those of a plain run. Sliding-window
+  cache layers (Gemma 3) are merged too: each keeps the last ``window - 1`` positions, which for
+  the left-padded negative prompt are its own last positions behind zeros. When the branch
+  cannot batch (no cache found, ``use_cache=False``, a static or quantised cache) it runs
+  serially with the same tokens and says so: :meth:`NegativeBranch.details`
   (copied into each answer's ``details`` and eval row) names the mode and the reason, and a
   ``logging`` warning is given once per reason (the CLI prints it as one ``warning:`` line).
   On exit the shared cache is cut back to the main rows.
@@ -161,6 +163,17 @@ class NegativeInputs:
     position_ids: torch.Tensor  # [B, L] or [4, B, L] long
     input_ids: torch.Tensor  # [B, L] long
     image_tokens: list[list[int]] = field(default_factory=list)
+    #: the batch the prompt was built from (for the adapter's :meth:`extra_inputs`)
+    source: Any = None
+
+    def extra_inputs(self, adapter: Any, ids: torch.Tensor | None = None,
+                     mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The model inputs this prompt needs beyond embeddings, mask and positions
+        (:meth:`~innersight.adapters.base.Adapter.built_prompt_inputs`; Gemma 3: ``token_type_ids``),
+        for the prompt itself or, given ``ids`` / ``mask`` [B, L'], for it followed by more tokens."""
+        ids = self.input_ids if ids is None else ids
+        mask = self.attention_mask if mask is None else mask
+        return adapter.built_prompt_inputs(ids, mask, self.source)
 
     @property
     def rows(self) -> int:
@@ -277,24 +290,41 @@ def left_padded(
         out_mask[b, length - n:] = 1
         out_emb[b, length - n:] = row_emb
     positions = adapter.prompt_positions(batch, out_ids, out_mask, image_tokens, grid_shapes)  # [B, L] / [4, B, L]
-    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, image_tokens)
+    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, image_tokens, batch)
 
 
 # ---------------------------------------------------------------------- the negative branch
 def _merge_into(main: Any, negative: Any, pad: int) -> bool:
-    """Append the negative cache's rows to ``main`` (in place), its keys and values left-padded with
-    ``pad`` zero positions. Only plain ``DynamicLayer`` layers are merged; False otherwise."""
-    from transformers.cache_utils import DynamicLayer
+    """Append the negative cache's rows to ``main`` (in place), each layer's keys and values
+    left-padded with zeros to the main layer's stored length (the padded positions are masked).
+
+    ``DynamicLayer``: the stored length is the prompt's, so the pad is ``pad`` (main minus negative
+    prompt length). ``DynamicSlidingWindowLayer`` (Gemma 3, Mistral...): each side keeps only its
+    last ``min(length, window - 1)`` positions, and the last ``window - 1`` positions of the
+    left-padded negative prompt are its own last ones behind zeros, so padding the stored keys to
+    the main layer's stored length is exactly the sliding cache of the padded prompt; the layer's
+    position count (``cumulative_length``) stays the main prompt's, which the padded rows share.
+    Any other layer type, or layers of different types or windows: False (nothing changed)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
     if not main_layers or not neg_layers or len(main_layers) != len(neg_layers):
         return False
     for a, b in zip(main_layers, neg_layers):
-        if type(a) is not DynamicLayer or type(b) is not DynamicLayer or not (a.is_initialized and b.is_initialized):
+        if type(a) is not type(b) or type(a) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            return False
+        if not (a.is_initialized and b.is_initialized):
+            return False
+        if getattr(a, "sliding_window", None) != getattr(b, "sliding_window", None):
+            return False
+        if getattr(a, "record_past", False) or getattr(b, "record_past", False):
+            return False
+        if b.keys.shape[-2] > a.keys.shape[-2]:
             return False
     for a, b in zip(main_layers, neg_layers):
-        keys = torch.nn.functional.pad(b.keys, (0, 0, pad, 0)).to(a.keys.device)  # [B, Hkv, Lm, d]
-        values = torch.nn.functional.pad(b.values, (0, 0, pad, 0)).to(a.values.device)  # [B, Hkv, Lm, d]
+        n = int(a.keys.shape[-2]) - int(b.keys.shape[-2])  # DynamicLayer: == pad
+        keys = torch.nn.functional.pad(b.keys, (0, 0, n, 0)).to(a.keys.device)  # [B, Hkv, Lm, d]
+        values = torch.nn.functional.pad(b.values, (0, 0, n, 0)).to(a.values.device)  # [B, Hkv, Lm, d]
         a.keys = torch.cat([a.keys, keys], dim=0)  # [2B, Hkv, Lm, d]
         a.values = torch.cat([a.values, values], dim=0)
     return True
@@ -393,11 +423,13 @@ class NegativeBranch:
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, cache: Any, *, mask: torch.Tensor, positions: torch.Tensor,
-                 embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
+                 embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                 extra: dict[str, Any] | None = None) -> torch.Tensor:
         """One forward of the negative rows alone on ``cache``, attention handlers bypassed;
-        last-position logits [B, V] float32."""
+        last-position logits [B, V] float32. ``extra``: further model inputs of the prompt (the
+        prefill's :meth:`NegativeInputs.extra_inputs`)."""
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, self._cache_arg: cache,
-                                  "use_cache": True, "return_dict": True}
+                                  "use_cache": True, "return_dict": True, **(extra or {})}
         if embeds is not None:
             kwargs["inputs_embeds"] = embeds
         else:
@@ -424,7 +456,7 @@ class NegativeBranch:
         self._rows = rows
         cache = DynamicCache(config=self.module.config)
         self.logits = self._forward(cache, mask=inputs.attention_mask, positions=inputs.position_ids,
-                                    embeds=inputs.inputs_embeds)
+                                    embeds=inputs.inputs_embeds, extra=inputs.extra_inputs(self.adapter))
         self._mask = inputs.attention_mask
         self._next_positions = inputs.position_ids[..., -1:] + 1  # [B, 1] or [4, B, 1]
         return cache
@@ -536,7 +568,7 @@ class NegativeBranch:
                 self._fall_back(f"the negative prompt ({self.inputs.length} tokens) is longer than the main prompt")
             elif not _merge_into(main, negative, pad):
                 self._fall_back(f"the KV cache ({type(main).__name__}) is not a plain DynamicCache "
-                                "(static, sliding-window or quantised caches cannot take extra rows)")
+                                "(static or quantised caches cannot take extra rows)")
             if self.fallback is None:
                 self.mode, self.cache = "batched", main
                 self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]

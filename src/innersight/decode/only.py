@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
-from ..attention import additive_mask, layer_handlers, repeat_kv, sdpa_forward
+from ..attention import additive_mask, key_start, layer_handlers, repeat_kv, sdpa_forward
 from ..errors import MethodError
 from ..hooks import HookHandles
 from .contrast import check_generation, plausibility_cutoff
@@ -146,6 +146,9 @@ class EnhancedBranch:
                 raise MethodError("only needs an image in every sample (its head ratio compares text and image "
                                   "attention)")
             self.image[b, torch.cat(positions)] = True
+        mask = batch.inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        self.first = mask.cpu().long().argmax(dim=-1)  # [B] each prompt's first token (after left padding)
         self.enhanced: torch.Tensor | None = None  # [B, D]
         self.residual: torch.Tensor | None = None  # [B, D]
         self.final: torch.Tensor | None = None  # [B, D]
@@ -202,12 +205,18 @@ class EnhancedBranch:
         probs = torch.softmax(z, dim=-1)[:, :, 0, :]  # [B, H, Lk]
         if rows != self.image.shape[0]:
             raise MethodError(f"only: the model ran {rows} rows but the prepared batch has {self.image.shape[0]}")
+        # key column j is sequence position start + j (start > 0 where a sliding-window cache
+        # layer hands over only its last keys); positions past the prompt are generated text
+        start = key_start(module, int(query.shape[2]), lk)
         image = torch.zeros(rows, lk, dtype=torch.bool, device=query.device)
-        width = min(lk, self.image.shape[1])
-        image[:, :width] = self.image[:, :width].to(query.device)
-        first = valid.long().argmax(dim=-1)  # [B] the first valid key (BOS / the template's first token)
+        width = max(0, min(lk, self.image.shape[1] - start))
+        image[:, :width] = self.image[:, start:start + width].to(query.device)
+        # the first token of each prompt (BOS / the template's first token) is not text, where it is
+        # among the keys
+        first = self.first.to(query.device) - start  # [B] its key column
         text = valid & ~image
-        text[torch.arange(rows, device=query.device), first] = False
+        seen = (first >= 0) & (first < lk)
+        text[torch.arange(rows, device=query.device)[seen], first[seen]] = False
         keep, _ = kept_heads(probs, text, image)  # [B, H]
         self.keep = keep
         heads_out = torch.matmul((probs * keep[..., None]).unsqueeze(2), repeat_kv(value, heads).float())  # [B, H, 1, d]

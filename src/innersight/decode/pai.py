@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ..attention import additive_mask, layer_handlers, repeat_kv, sdpa_forward
+from ..attention import additive_mask, key_start, layer_handlers, repeat_kv, sdpa_forward
 from ..errors import MethodError
 from .contrast import (
     BRANCH_MODES,
@@ -132,15 +132,17 @@ class ImageAttention:
                     self.image[b, layout.positions.cpu()] = True
         self.calls = 0
 
-    def keys(self, rows: int, length: int, device: torch.device) -> torch.Tensor:
-        """[rows, length] image-key mask (rows a multiple of the batch: beams; later keys False)."""
+    def keys(self, rows: int, length: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        """[rows, length] image-key mask of the keys at sequence positions ``start .. start + length``
+        (rows a multiple of the batch: beams; generated keys False). ``start`` > 0 where a
+        sliding-window cache layer hands over only its last keys (:func:`~innersight.attention.key_start`)."""
         image = self.image
         if rows % image.shape[0]:
             raise MethodError(f"pai: the model ran {rows} rows but the prepared batch has {image.shape[0]}")
         image = image.repeat_interleave(rows // image.shape[0], dim=0)
-        if length > image.shape[1]:
-            image = torch.cat([image, image.new_zeros(rows, length - image.shape[1])], dim=1)
-        return image[:, :length].to(device)
+        if start + length > image.shape[1]:
+            image = torch.cat([image, image.new_zeros(rows, start + length - image.shape[1])], dim=1)
+        return image[:, start:start + length].to(device)
 
     def __call__(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -150,10 +152,14 @@ class ImageAttention:
         q = query[:, :, -1:, :].float()  # [B, H, 1, d]
         k = repeat_kv(key, heads).float()  # [B, H, Lk, d]
         z = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, 1, Lk]
+        start = key_start(module, int(query.shape[2]), int(key.shape[2]))  # sequence position of key 0
+        image = self.keys(rows, key.shape[2], query.device, start)[:, None, None, :]  # [B, 1, 1, Lk]
+        # amplify the logits, then mask: an image key the row may not see (outside a sliding window)
+        # stays masked (amplifying the mask's finfo.min would make it the largest logit, or inf)
+        z = amplify(z, image, self.alpha)
         if attention_mask is not None:
-            z = z + additive_mask(attention_mask[:, :, -1:, :], torch.float32)  # the last row sees every valid key
-        image = self.keys(rows, key.shape[2], query.device)[:, None, None, :]  # [B, 1, 1, Lk]
-        probs = torch.softmax(amplify(z, image, self.alpha), dim=-1)  # [B, H, 1, Lk]
+            z = z + additive_mask(attention_mask[:, :, -1:, :], torch.float32)  # the last row's visible keys
+        probs = torch.softmax(z, dim=-1)  # [B, H, 1, Lk]
         last = torch.matmul(probs, repeat_kv(value, heads).float()).transpose(1, 2)  # [B, 1, H, d]
         self.calls += 1
         return torch.cat([out[:, :-1], last.to(out.dtype)], dim=1), weights  # [B, Lq, H, d]

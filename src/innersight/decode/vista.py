@@ -111,13 +111,14 @@ def _stack(a: NegativeInputs, b: NegativeInputs) -> NegativeInputs:
     def grow(inputs: NegativeInputs) -> NegativeInputs:
         n = length - inputs.length
         return NegativeInputs(pad(inputs.inputs_embeds, n, 1), pad(inputs.attention_mask, n, 1),
-                              pad(inputs.position_ids, n, -1), pad(inputs.input_ids, n, 1), inputs.image_tokens)
+                              pad(inputs.position_ids, n, -1), pad(inputs.input_ids, n, 1), inputs.image_tokens,
+                              inputs.source)
 
     a, b = grow(a), grow(b)
     dim = 1 if a.position_ids.dim() == 3 else 0
     return NegativeInputs(torch.cat([a.inputs_embeds, b.inputs_embeds]), torch.cat([a.attention_mask, b.attention_mask]),
                           torch.cat([a.position_ids, b.position_ids], dim=dim), torch.cat([a.input_ids, b.input_ids]),
-                          a.image_tokens + b.image_tokens)
+                          a.image_tokens + b.image_tokens, a.source)
 
 
 def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
@@ -131,7 +132,7 @@ def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
         # an attention method of the same call (e.g. VAR) acts on the answer's forwards, not on this one
         with capture, handler_rows(adapter.decoder_layers, 0):
             adapter.generation_module(inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask,
-                                      position_ids=both.position_ids, use_cache=False)
+                                      position_ids=both.position_ids, use_cache=False, **both.extra_inputs(adapter))
             hidden = capture.hidden().float()  # [2B, N, D]
     rows = len(batch)
     return hidden[:rows] - hidden[rows:]

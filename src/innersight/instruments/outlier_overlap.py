@@ -66,7 +66,7 @@ from typing import Any
 
 import torch
 
-from ..attention import layer_handlers, row_probabilities, sdpa_forward
+from ..attention import key_start, layer_handlers, row_probabilities, sdpa_forward
 from ..decode.damro import DAMROConfig, OutlierCapture, top_outliers
 from ..errors import MethodError, UserInputError
 from .common import (
@@ -151,7 +151,12 @@ class AnswerAttention:
             lq = int(query.shape[2])
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             probs = row_probabilities(query, key, attention_mask, scale, slice(lq - 1, lq))  # [B, H, 1, Lk]
-            row = probs[:, :, 0, : self.prompt_length].mean(dim=1)  # [B, L0]
+            # key column j is sequence position start + j (a sliding-window cache layer hands over
+            # only its last keys); the prompt's keys land at their own positions, the others are 0
+            start = key_start(module, lq, int(key.shape[2]))
+            width = max(0, min(int(key.shape[2]), self.prompt_length - start))
+            row = probs.new_zeros(probs.shape[0], self.prompt_length)  # [B, L0]
+            row[:, start:start + width] = probs[:, :, 0, :width].mean(dim=1)
             step = self._calls.get(layer, 0)
             self._calls[layer] = step + 1
             if step == len(self.steps):

@@ -35,11 +35,12 @@ def uncached_negative(mllm: Any, neg: Any, input_ids: torch.Tensor, prompt: int)
     embed = mllm.adapter.language_model.get_input_embeddings()
     new = input_ids[:, prompt:]
     step = torch.arange(1, new.shape[1] + 1, device=neg.position_ids.device)
+    ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [B, Ln + t]
+    mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1)  # [B, Ln + t]
     with torch.no_grad():
-        return module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
-                      attention_mask=torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1),
+        return module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1), attention_mask=mask,
                       position_ids=torch.cat([neg.position_ids, neg.position_ids[..., -1:] + step], -1),
-                      use_cache=False).logits[:, -1].float()
+                      use_cache=False, **neg.extra_inputs(mllm.adapter, ids, mask)).logits[:, -1].float()
 
 
 def hooks(mllm: Any) -> dict[str, tuple[int, int]]:
