@@ -387,6 +387,15 @@ class Adapter(ABC):
             spans.append((first, last + 1))
         return spans
 
+    def image_wrapping(self, num_tokens: int) -> tuple[list[int], list[int]]:
+        """The text token ids written before and after ``num_tokens`` image tokens that replace an
+        image's whole :meth:`image_spans` span when a method builds a prompt in which the image has
+        another token count (DAMRO's ``k`` outlier tokens): what the processor would write around
+        an image of that size. Only asked for images whose tokens are not one contiguous run (a
+        contiguous run is replaced in place, its surroundings kept). The base: nothing, since its
+        span is the image tokens themselves (SmolVLM: the unsplit image's markers)."""
+        return [], []
+
     def image_token_positions(self, batch: Batch, b: int) -> torch.Tensor:
         """Sequence positions of all image tokens of sample ``b`` (all images, in order)."""
         return (batch.input_ids[b] == self.image_token_id).nonzero().flatten()
