@@ -647,10 +647,11 @@ class Adapter(ABC):
         out = self.model.get_image_features(pixel_values, **extra, return_dict=True)
         return [f.reshape(-1, f.shape[-1]) for f in out.pooler_output]
 
-    def vision_input_index(self, batch: Batch, image_index: int) -> int | slice:
+    def vision_input_index(self, batch: Batch, image_index: int) -> int | slice | tuple[int, slice]:
         """Where image ``image_index`` (flat over the batch) lies in ``batch.inputs["pixel_values"]``
-        along dim 0: VCD noises each image on its own. Base: one leading row per image
-        (``[N, 3, S, S]``, or ``[N, tiles, 3, S, S]``).
+        (an index of the tensor: VCD noises each image on its own). Base: one leading row per image
+        (``[N, 3, S, S]``, or ``[N, tiles, 3, S, S]``); a family may answer rows (a slice) or
+        ``(sample, frames)`` for per-sample pixels ``[B, F, 3, S, S]``.
 
         Raises:
             MethodError: the pixels' leading dimension is not the batch's image count.

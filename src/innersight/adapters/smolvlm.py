@@ -427,7 +427,7 @@ class SmolVLMAdapter(Adapter):
     # the global frame (what the base view covers), per language-model token: the received
     # attention of its ``s x s`` patch block. The connector's output ``[frames, g*g, D]`` holds the
     # candidates already projected; a negative image made of ``k`` of them is written as the
-    # processor writes an unsplit image (``<fake_token_around_image><global-img>`` ... 
+    # processor writes an unsplit image (``<fake_token_around_image><global-img>`` ...
     # ``<fake_token_around_image>``).
 
     #: ``get_image_features`` reads the pixel mask of every frame

@@ -274,7 +274,7 @@ def _splice_split_image(adapter: Any, batch: Any, b: int, i: int, pos: torch.Ten
     image_id = int(adapter.image_token_id)
     device = feats.device
     if feats.shape[0] == pos.numel():
-        first, last = int(pos[0]), int(pos[-1])
+        last = int(pos[-1])
         span = ids[b, cursor:last + 1]  # [T'] the text before the image, then the image with its markers
         emb = embed(span.to(device)).clone()  # [T', D]
         emb[(pos - cursor).to(device)] = feats
