@@ -415,10 +415,14 @@ class SmolVLMAdapter(Adapter):
     @property
     def prefix_image_inputs(self) -> tuple[str, ...]:
         """``pixel_values`` [B, F_max, 3, S, S] and ``pixel_attention_mask`` [B, F_max, S, S]: the
-        frames of each sample (one row per sample, not per image; the shared-prefix path keeps the
-        rows of the samples whose prefix it encodes). Positions are plain counts (1D RoPE) and the
-        frames' tokens do not read the prompt, so a prompt's prefix may be encoded once."""
+        frames of each sample (one row per sample, not per image: :meth:`sample_image_inputs`).
+        Positions are plain counts (1D RoPE) and the frames' tokens do not read the prompt, so a
+        prompt's prefix may be encoded once."""
         return ("pixel_values", "pixel_attention_mask")
+
+    def sample_image_inputs(self, batch: Batch, n: int) -> dict[str, Any]:
+        """The first ``n`` rows: one row per sample holds all of its images' frames."""
+        return {k: v[:n] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
 
     # ------------------------------------------------------------------ vision facet
     # The vision tower runs every real frame of the batch as one ``[frames, P, Dv]`` batch (tiles
