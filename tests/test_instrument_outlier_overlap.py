@@ -21,10 +21,10 @@ from innersight.instruments import outlier_overlap as O
 
 #: ranked vision tokens per tiny family for a 90x60 image: LLaVA 4x4 patches, LLaVA-NeXT a 2x2 base
 #: view, InstructBLIP 4x4 ViT patches, LLaVA-OneVision a 3x3 base view, InternVL the thumbnail tile's
-#: 2x2 tokens (4x4 patches pooled 2x2)
-TOKENS = {"llava": 16, "llava_next": 4, "instructblip": 16, "llava_onevision": 9, "internvl": 4}
+#: 2x2 tokens (4x4 patches pooled 2x2), SmolVLM its 3x3 global frame
+TOKENS = {"llava": 16, "llava_next": 4, "instructblip": 16, "llava_onevision": 9, "internvl": 4, "smolvlm": 9}
 #: families (besides Qwen) whose vision encoder has no [CLS] (SigLIP)
-NO_CLS = ("llava_onevision",)
+NO_CLS = ("llava_onevision", "smolvlm", "gemma3")
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
@@ -220,9 +220,6 @@ def test_hallucination_split_micro_chair(tiny_mllm, monkeypatch):
 
 
 # ---------------------------------------------------------------------- every family
-#: families (besides Qwen) whose vision tower has no [CLS] token (Gemma 3: SigLIP)
-NO_CLS = ("gemma3",)
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family(tiny_mllm, family):

@@ -350,3 +350,19 @@ def test_image_spans_cover_the_wrapped_tiles_and_image_free_prompts_drop_them(ad
         assert row == alone  # "<|im_start|> User : what is it ? <end_of_utterance> Assistant :"
     # 8 tokens "<|im_start|> User : what ? <end_of_utterance> Assistant :", numbered from 0 after the padding
     assert free.position_ids[1][free.attention_mask[1].bool()].tolist() == list(range(8))
+
+
+def test_shared_prefix_with_two_images_per_sample_equals_the_joint_batch(tiny_mllm) -> None:
+    """Pixels are one row per sample (all its images' frames): the shared-prefix pass takes the
+    first n rows (sample_image_inputs), not one row per image; its maps equal the joint batch's."""
+    from innersight.look.maps import forward_capture, pair_capture
+
+    mllm = tiny_mllm("smolvlm")
+    images = [noise(90, 60, 0), noise(200, 40, 1)]  # 5 frames, then 3
+    batch = mllm.prepare([images, images], ["what is the digit?", "Write a general description of the image."])
+    assert batch.inputs["pixel_values"].shape[:2] == (2, 8)
+    assert [v.shape[0] for v in mllm.adapter.sample_image_inputs(batch, 1).values()] == [1, 1]
+    shared = pair_capture(mllm, batch, 1)  # [2, H, L]
+    joint = forward_capture(mllm, batch, 1, stop_after=True)  # [2, H, L]
+    assert shared is not None
+    torch.testing.assert_close(shared, joint, rtol=1e-4, atol=1e-6)

@@ -17,10 +17,13 @@ from innersight.errors import MethodError
 
 #: what each family's facet answers (the tiny InstructBLIP has 2 Q-Former cross-attention blocks)
 TEXT_ONLY = {"llava": "model", "llava_next": "model", "instructblip": "causal_lm",
-             "qwen2_vl": "model", "qwen2_5_vl": "model", "llava_onevision": "model", "internvl": "model"}
-BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0, "llava_onevision": 0, "internvl": 0}
+             "qwen2_vl": "model", "qwen2_5_vl": "model", "llava_onevision": "model", "internvl": "model",
+             "smolvlm": "model"}
+BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0, "llava_onevision": 0, "internvl": 0,
+          "smolvlm": 0}
+#: SmolVLM: 1D positions and frames that do not read the prompt (its pixels are one row per sample)
 SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": False, "qwen2_5_vl": False,
-                 "llava_onevision": True, "internvl": True}
+                 "llava_onevision": True, "internvl": True, "smolvlm": True}
 #: rows of an image input per image where it is not one: InternVL's tiles, a 70x50 image on the tiny
 #: (aspect 1.4: 1x1 and 2x2 both miss by 0.4, 3500 px > half of 2x2 tiles of 32 px -> 2x2 + thumbnail)
 ROWS_PER_IMAGE = {"internvl": 5}

@@ -28,6 +28,8 @@ QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 #: -1 of 2 layers -> layers[1]; the base view is scored, one candidate per base patch
 #: InternVL: 32 px tiles / patch 8 = 4x4 patches (+ CLS), vision_feature_layer -1 of 2 -> layers[1],
 #: candidates the global tile's 2x2 pixel-shuffled tokens
+#: SmolVLM: 48 px frames / patch 8 = 6x6 patches (no [CLS]) scored on the global frame, the
+#: connector reads the last of 2 layers (layers[1]), 2x2 patches a token: 3x3 = 9 candidates
 FACTS = {
     "llava": (2, 0, True, 4, 17, 16),
     "llava_next": (2, 0, True, 4, 5, 4),
@@ -36,6 +38,7 @@ FACTS = {
     "qwen2_5_vl": (2, 1, False, 2, 24, 6),
     "llava_onevision": (2, 1, False, 4, 9, 9),
     "internvl": (2, 1, True, 2, 17, 4),
+    "smolvlm": (2, 1, False, 2, 36, 9),
 }
 #: families whose vision tower runs a base view and tiles per image (the base view scored)
 TILED = ("llava_next", "llava_onevision")
@@ -159,6 +162,12 @@ def test_queries_keys_and_scored_views_by_hand(tiny_mllm, family):
         assert adapter.scored_vision_rows(batch, first + second).tolist() == [first - 1, first + second - 1]
         torch.testing.assert_close(views[0][0], q[first - 1])  # the thumbnail, each image's last tile
         torch.testing.assert_close(views[1][0], q[first + second - 1])
+    elif family == "smolvlm":
+        # 90x60 -> 96x64 -> a 96x96 canvas: 2x2 tiles + the global frame; 50x80 -> 60x96 -> the same
+        assert adapter.frames_per_image(batch) == [5, 5] and q.shape[0] == 10
+        assert adapter.scored_vision_rows(batch, 10).tolist() == [4, 9]  # each image's global frame, last
+        torch.testing.assert_close(views[0][0], q[4])
+        torch.testing.assert_close(views[1][1], k[9])
     elif family.startswith("qwen"):  # Qwen: one flat sequence, images bounded by cu_seqlens
         bounds = kwargs["cu_seqlens"].tolist()
         assert bounds[1] - bounds[0] == length
@@ -185,6 +194,12 @@ def test_pooled_scores_per_candidate_by_hand(tiny_mllm, family):
         torch.testing.assert_close(pooled, torch.tensor([2.5, 4.5, 10.5, 12.5]))
         with pytest.raises(MethodError, match="patch scores"):
             adapter.pool_vision_scores(batch, 0, per_token[:-1])
+        return
+    if family == "smolvlm":
+        # patches 0..35 row-major on a 6x6 frame; token (r, c) = the mean of patches
+        # (2r + i) * 6 + 2c + j, i, j in {0, 1}: token 0 = (0 + 1 + 6 + 7) / 4 = 3.5, ...
+        expected = [3.5, 5.5, 7.5, 15.5, 17.5, 19.5, 27.5, 29.5, 31.5]
+        torch.testing.assert_close(pooled, torch.tensor(expected))
         return
     if family not in POOLED:
         torch.testing.assert_close(pooled, per_token)  # one candidate per patch
@@ -240,7 +255,10 @@ def test_candidates_are_the_models_own_tokens_and_the_full_subset_reencodes_to_t
     with torch.no_grad():
         again = adapter.encode_vision_subset(batch, cands)
     for i in range(2):
-        if family in TILED:
+        if family == "smolvlm":  # the global frame's 9 tokens close the image's 5 frames of tokens
+            torch.testing.assert_close(cands[i], feats[i][4 * 9:])
+            torch.testing.assert_close(again[i], cands[i])
+        elif family in TILED:
             p2 = adapter.patches_per_side ** 2
             torch.testing.assert_close(cands[i], feats[i][:p2])  # the base view leads the packed tokens
             torch.testing.assert_close(again[i], torch.cat([cands[i], adapter.image_newline[None]]))
@@ -337,6 +355,15 @@ def test_vision_input_index_and_query_patch_blocks(tiny_mllm, family):
         alone.image_sizes = [[(90, 60)], [(90, 60)]]  # two images claimed, one image's tiles of pixels
         with pytest.raises(MethodError, match=f"pixel_values hold {first} tiles"):
             adapter.vision_input_index(alone, 0)
+    elif family == "smolvlm":  # [B, F_max, 3, S, S]: sample, then the image's 5 frames (2x2 tiles + global)
+        assert where == [(0, slice(0, 5)), (1, slice(0, 5))] and pixels.shape[:2] == (2, 5)
+        alone = mllm.prepare([_image(0)], QUESTIONS[:1])
+        alone.image_sizes = [[(90, 60)], [(90, 60)]]  # two samples claimed, one row of pixels
+        with pytest.raises(MethodError, match="pixel_values hold 1"):
+            adapter.vision_input_index(alone, 1)
+        # 200x40 -> 96x20 -> a 96x48 canvas: 1x2 tiles + the global frame, after the first image's 5
+        two = mllm.prepare([[_image(0), _image(2, 200, 40)]], QUESTIONS[:1])
+        assert [adapter.vision_input_index(two, i) for i in range(2)] == [(0, slice(0, 5)), (0, slice(5, 8))]
     else:
         assert where == [0, 1]
         alone = mllm.prepare([_image(0)], QUESTIONS[:1])

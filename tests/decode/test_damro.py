@@ -354,6 +354,37 @@ def test_llava_onevision_scores_are_received_attention_on_each_images_base_row(t
     assert neg.image_tokens == [[4, 4], [4]]
 
 
+def test_smolvlm_scores_are_received_attention_on_the_global_frame_pooled_per_token(tiny_mllm, image):
+    """No [CLS] (SigLIP): naive attention matrices of each image's global frame from the layer's
+    own q_proj / k_proj, mean over heads and queries, then a plain loop over each token's 2x2 patch
+    block (6x6 patches, 3x3 tokens). The global frame is the last of each image's 2x2 tiles + 1."""
+    mllm = tiny_mllm("smolvlm")
+    adapter = mllm.adapter
+    batch = mllm.prepare([image(0), image(1, 50, 80)], QUESTIONS)
+    module = adapter.vision_attention(adapter.outlier_vision_layer)
+    seen = {}
+    handle = module.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(hidden=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    proc = _processor(mllm, batch, k=2)
+    try:
+        _generate(mllm, batch, proc, steps=1)
+    finally:
+        handle.remove()
+    capture, hidden = proc.contexts[0], seen["hidden"]  # [10 frames, 36, Dv]
+    assert hidden.shape[:2] == (10, 36)
+    heads = 2
+    for i, frame in enumerate((4, 9)):
+        with torch.no_grad():
+            q = module.q_proj(hidden[frame]).view(36, heads, -1).transpose(0, 1)  # [H, 36, d]
+            k = module.k_proj(hidden[frame]).view(36, heads, -1).transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)  # [H, 36, 36]
+        received = probs.mean(0).mean(0)  # [36]
+        expected = torch.tensor([sum(received[(2 * r + a) * 6 + 2 * c + b].item() for a in (0, 1) for b in (0, 1)) / 4
+                                 for r in range(3) for c in range(3)])
+        torch.testing.assert_close(capture.scores[i], expected, atol=1e-5, rtol=1e-4)
+        assert capture.selected[i].tolist() == expected.topk(2).indices.tolist()
+
+
 # ---------------------------------------------------------------------- the negative branch's inputs
 def _image_features(mllm, batch):
     """The model's own LM tokens of every image of ``batch`` (flat), through get_image_features."""
@@ -382,6 +413,16 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
         valid_ids = neg.input_ids[b][neg.attention_mask[b].bool().to(neg.input_ids.device)]
         assert int((valid_ids == image_id).sum()) == per_image
         main_len = int(mask[b].sum())
+        if family == "smolvlm":
+            # the image's whole span (its tiles with their markers, the global frame) becomes an
+            # unsplit image of k tokens, as the processor writes one:
+            # <fake_token_around_image><global-img> + k image tokens + <fake_token_around_image>
+            start, stop = adapter.image_spans(batch, b)[0]
+            pad = batch.input_ids.shape[1] - main_len
+            fake, glob = adapter.tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<global-img>"])
+            ids = batch.input_ids[b].tolist()
+            assert valid_ids.tolist() == ids[pad:start] + [fake, glob] + [image_id] * k + [fake] + ids[stop:]
+            continue
         assert valid_ids.numel() == main_len - batch.layouts[b][0].num_tokens + per_image  # removed, not masked
         main_valid = batch.input_ids[b][mask[b].bool()]
         assert valid_ids[valid_ids != image_id].tolist() == main_valid[main_valid != image_id].tolist()
@@ -426,6 +467,8 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
             if family == "internvl":  # the candidates are the thumbnail's tokens, the image's last tile
                 f = f[-adapter.tokens_per_tile:]
             chosen = f[capture.selected[i]]  # LLaVA-NeXT: the base view comes first in the packed tokens
+            if family == "smolvlm":  # candidates: the global frame's tokens, after the image's 2x2 tiles
+                chosen = f[4 * 9 + capture.selected[i]]
             if family in NEWLINE_FAMILIES:
                 chosen = torch.cat([chosen, adapter.image_newline[None]])
             expected.append(chosen)

@@ -309,3 +309,23 @@ def test_refusals(tiny_mllm, image):
                       image_sizes=[[]], layouts=[[]])
     with pytest.raises(MethodError, match="needs images"):
         VCD().processors(mllm, no_images, {})
+
+
+def test_smolvlm_padding_frames_stay_zero(tiny_mllm, image):
+    """SmolVLM's pixels are [B, F_max, 3, S, S] per sample; a sample with fewer frames is padded
+    with all-zero frames, which the model drops. Only an image's own frames are noised: the
+    padding stays zero (else the model would read noise as extra images) and the noised prompt
+    still holds as many image tokens as the clean one."""
+    mllm = tiny_mllm("smolvlm")
+    adapter = mllm.adapter
+    # 90x60: 2x2 tiles + global = 5 frames; 200x40 -> 96x20 -> a 96x48 canvas: 1x2 tiles + global = 3
+    batch = mllm.prepare([image(0), image(1, 200, 40)], QUESTIONS)
+    pixels = batch.inputs["pixel_values"]
+    assert pixels.shape[:2] == (2, 5) and not pixels[1, 3:].any()
+    noised = noised_pixel_values(adapter, batch, 500, seed=3)
+    assert not noised[1, 3:].any()
+    torch.testing.assert_close(noised[0], diffusion_noise(pixels[0], 500, seed=3))
+    torch.testing.assert_close(noised[1, :3], diffusion_noise(pixels[1, :3], 500, seed=3))
+    with torch.no_grad():
+        feats = image_features(mllm, batch, noised)
+    assert [f.shape[0] for f in feats] == [45, 27]

@@ -396,6 +396,15 @@ class Adapter(ABC):
             spans.append((first, last + 1))
         return spans
 
+    def image_wrapping(self, num_tokens: int) -> tuple[list[int], list[int]]:
+        """The text token ids written before and after ``num_tokens`` image tokens that replace an
+        image's whole :meth:`image_spans` span when a method builds a prompt in which the image has
+        another token count (DAMRO's ``k`` outlier tokens): what the processor would write around
+        an image of that size. Only asked for images whose tokens are not one contiguous run (a
+        contiguous run is replaced in place, its surroundings kept). The base: nothing, since its
+        span is the image tokens themselves (SmolVLM: the unsplit image's markers)."""
+        return [], []
+
     def image_token_positions(self, batch: Batch, b: int) -> torch.Tensor:
         """Sequence positions of all image tokens of sample ``b`` (all images, in order)."""
         return (batch.input_ids[b] == self.image_token_id).nonzero().flatten()
@@ -647,10 +656,11 @@ class Adapter(ABC):
         out = self.model.get_image_features(pixel_values, **extra, return_dict=True)
         return [f.reshape(-1, f.shape[-1]) for f in out.pooler_output]
 
-    def vision_input_index(self, batch: Batch, image_index: int) -> int | slice:
+    def vision_input_index(self, batch: Batch, image_index: int) -> int | slice | tuple[int, slice]:
         """Where image ``image_index`` (flat over the batch) lies in ``batch.inputs["pixel_values"]``
-        along dim 0: VCD noises each image on its own. Base: one leading row per image
-        (``[N, 3, S, S]``, or ``[N, tiles, 3, S, S]``).
+        (an index of the tensor: VCD noises each image on its own). Base: one leading row per image
+        (``[N, 3, S, S]``, or ``[N, tiles, 3, S, S]``); a family may answer rows (a slice) or
+        ``(sample, frames)`` for per-sample pixels ``[B, F, 3, S, S]``.
 
         Raises:
             MethodError: the pixels' leading dimension is not the batch's image count.

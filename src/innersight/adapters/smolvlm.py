@@ -411,6 +411,111 @@ class SmolVLMAdapter(Adapter):
         seen = self.patches_per_side * int(self.config.vision_config.patch_size)
         return tensor[sample, lay.tiles, :, :seen, :seen], layout.views[0]
 
+    # ------------------------------------------------------------------ text and map facet
+    @property
+    def prefix_image_inputs(self) -> tuple[str, ...]:
+        """``pixel_values`` [B, F_max, 3, S, S] and ``pixel_attention_mask`` [B, F_max, S, S]: the
+        frames of each sample (one row per sample, not per image: :meth:`sample_image_inputs`).
+        Positions are plain counts (1D RoPE) and the frames' tokens do not read the prompt, so a
+        prompt's prefix may be encoded once."""
+        return ("pixel_values", "pixel_attention_mask")
+
+    def sample_image_inputs(self, batch: Batch, n: int) -> dict[str, Any]:
+        """The first ``n`` rows: one row per sample holds all of its images' frames."""
+        return {k: v[:n] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
+
+    # ------------------------------------------------------------------ vision facet
+    # The vision tower runs every real frame of the batch as one ``[frames, P, Dv]`` batch (tiles
+    # of each image, then its global frame; all-zero padding frames dropped by the model), with
+    # SigLIP attention (``q_proj`` / ``k_proj``, no [CLS]: the base answers). Outliers are scored on
+    # the global frame (what the base view covers), per language-model token: the received
+    # attention of its ``s x s`` patch block. The connector's output ``[frames, g*g, D]`` holds the
+    # candidates already projected; a negative image made of ``k`` of them is written as the
+    # processor writes an unsplit image (``<fake_token_around_image><global-img>`` ...
+    # ``<fake_token_around_image>``).
+
+    #: ``get_image_features`` reads the pixel mask of every frame
+    image_feature_inputs = ("pixel_attention_mask",)
+
+    def frames_per_image(self, batch: Batch) -> list[int]:
+        """Frames (tiles + the global frame) the vision tower runs for each image of ``batch``, flat."""
+        return [self.split_layout(size).tiles + 1 for sizes in batch.image_sizes for size in sizes]
+
+    def scored_vision_rows(self, batch: Batch, rows: int) -> torch.Tensor:
+        """The global frame of each image: the last of its frames in the vision tower's batch."""
+        import torch
+
+        frames = self.frames_per_image(batch)
+        if sum(frames) != rows:
+            raise MethodError(f"{self.family}: the vision tower ran {rows} frames but the batch's images have "
+                              f"{sum(frames)}")
+        return torch.tensor(frames).cumsum(0) - 1  # [N_images]
+
+    def pool_vision_scores(self, batch: Batch, image_index: int, scores: torch.Tensor) -> torch.Tensor:
+        """Per-patch scores ``[p * p]`` of a global frame (row-major) as the mean over each
+        language-model token's ``s x s`` patch block, ``[g * g]`` row-major (the pixel shuffle's
+        order: token ``(r, c)`` = patch rows ``r*s ..``, cols ``c*s ..``)."""
+        p, s = self.patches_per_side, self.scale_factor
+        if scores.numel() != p * p:
+            raise MethodError(f"{self.family}: {scores.numel()} patch scores for a frame of {p} x {p} patches")
+        g = p // s
+        return scores.reshape(g, s, g, s).mean(dim=(1, 3)).reshape(g * g)  # [g * g]
+
+    @property
+    def vision_subset_source(self) -> Any:
+        """The connector: its output ``[frames, g*g, D]`` holds every frame's tokens, projected."""
+        return self.projector
+
+    def image_features(self, batch: Batch, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Every image's tokens ``[T_i, D]`` (tiles, then the global frame), flat over the batch.
+
+        ``get_image_features(...).pooler_output`` is one ``[T_b, D]`` tensor per sample
+        (transformers 5.25) or one ``[frames, g*g, D]`` tensor for the batch (5.17); both flatten,
+        in frame order, to the image tokens in prompt order, split here by each image's count."""
+        import torch
+
+        extra = {name: batch.inputs.get(name) for name in self.image_feature_inputs}
+        pooled = self.model.get_image_features(pixel_values, **extra, return_dict=True).pooler_output
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in pooled])  # [T_total, D]
+        counts = [layout.num_tokens for layouts in batch.layouts for layout in layouts]
+        if sum(counts) != flat.shape[0]:
+            raise MethodError(f"{self.family}: the vision path gave {flat.shape[0]} image tokens but the batch's "
+                              f"images have {sum(counts)}")
+        return list(flat.split(counts))
+
+    def vision_input_index(self, batch: Batch, image_index: int) -> tuple[int, slice]:
+        """``(sample, frames)``: image ``image_index``'s frames in ``pixel_values``
+        ``[B, F_max, 3, S, S]`` (after the sample's earlier images' frames). The sample's padding
+        frames (all zero, dropped by the model) are never part of an image.
+
+        Raises:
+            MethodError: the pixels do not hold the image's sample or frames.
+        """
+        pixels = batch.inputs["pixel_values"]
+        frames = self.frames_per_image(batch)
+        flat = 0
+        for b, sizes in enumerate(batch.image_sizes):
+            if image_index < flat + len(sizes):
+                if b >= pixels.shape[0]:
+                    raise MethodError(f"{self.family}: pixel_values hold {pixels.shape[0]} samples but the batch "
+                                      f"has {len(batch.image_sizes)}")
+                start = sum(frames[flat:image_index])
+                stop = start + frames[image_index]
+                if stop > pixels.shape[1]:
+                    raise MethodError(f"{self.family}: pixel_values hold {pixels.shape[1]} frames per sample but "
+                                      f"image {image_index} needs frames {start}..{stop - 1}")
+                return b, slice(start, stop)
+            flat += len(sizes)
+        raise MethodError(f"{self.family}: image {image_index} outside the batch's {flat} images")
+
+    def image_wrapping(self, num_tokens: int) -> tuple[list[int], list[int]]:
+        """``<fake_token_around_image><global-img>`` before and ``<fake_token_around_image>``
+        after: how the processor writes an unsplit image, around a shortened image's tokens."""
+        tok = self.tokenizer
+        fake = tok.convert_tokens_to_ids(getattr(self.processor, "fake_image_token", "<fake_token_around_image>"))
+        glob = tok.convert_tokens_to_ids(getattr(self.processor, "global_image_token", "<global-img>"))
+        return [int(fake), int(glob)], [int(fake)]
+
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update(tile_size=self.tile_size, scale_factor=self.scale_factor,

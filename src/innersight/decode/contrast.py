@@ -213,7 +213,10 @@ def splice_images(
     (any number of tokens; the rest of the image's tokens removed, later positions renumbered
     contiguously), embedded and left-padded.
 
-    Each image's tokens must be one contiguous run (``batch.layouts``). For Qwen (M-RoPE)
+    An image whose tokens are one contiguous run (``batch.layouts``) has the run replaced; one
+    whose tokens are split by text tokens (SmolVLM's tiles) is handled by
+    :func:`_splice_split_image` (the same count in place, another count replaces its whole span).
+    For Qwen (M-RoPE)
     ``grid_shapes[b][i] = (rows, cols)`` places the new image tokens on a grid where the family's
     positions need one (Qwen's M-RoPE); positions come from ``adapter.prompt_positions``.
     """
@@ -238,18 +241,23 @@ def splice_images(
         pieces_ids: list[torch.Tensor] = []
         pieces_emb: list[torch.Tensor] = []
         row_counts: list[int] = []
-        for layout, feats in zip(layouts, features[b]):
+        for i, (layout, feats) in enumerate(zip(layouts, features[b])):
             pos = layout.positions.to(ids.device)
+            feats = feats.to(device=device, dtype=dtype)  # [n, D]
             if pos.numel():
                 first, last = int(pos[0]), int(pos[-1])
-                if last - first + 1 != pos.numel() or first < cursor:
-                    raise MethodError(f"{adapter.family}: an image's tokens are not one contiguous run; cannot splice")
+                if first < cursor:
+                    raise MethodError(f"{adapter.family}: the images of sample {b} overlap; cannot splice")
+                if last - first + 1 != pos.numel():  # text tokens between the image's tokens (tiles)
+                    cursor = _splice_split_image(adapter, batch, b, i, pos, feats, cursor, embed,
+                                                 pieces_ids, pieces_emb)
+                    row_counts.append(int(feats.shape[0]))
+                    continue
             else:
                 first = last = cursor - 1
             text = ids[b, cursor:first]  # [T]
             pieces_ids.append(text)
             pieces_emb.append(embed(text.to(device)))
-            feats = feats.to(device=device, dtype=dtype)  # [n, D]
             pieces_ids.append(torch.full((feats.shape[0],), image_id, dtype=ids.dtype, device=ids.device))
             pieces_emb.append(feats)
             row_counts.append(int(feats.shape[0]))
@@ -261,6 +269,40 @@ def splice_images(
         rows_emb.append(torch.cat(pieces_emb, dim=0))
         counts.append(row_counts)
     return left_padded(adapter, batch, rows_ids, rows_emb, counts, grid_shapes)
+
+
+def _splice_split_image(adapter: Any, batch: Any, b: int, i: int, pos: torch.Tensor, feats: torch.Tensor,
+                        cursor: int, embed: Any, pieces_ids: list[torch.Tensor],
+                        pieces_emb: list[torch.Tensor]) -> int:
+    """Splice image ``i`` of sample ``b``, whose tokens ``pos`` [T] are not one contiguous run
+    (text tokens between its tiles, SmolVLM), as ``feats`` [n, D]; append the pieces from
+    ``cursor`` on and return the new cursor.
+
+    As many features as the image has tokens: written at the image's own positions, every text
+    token between them kept (the same prompt with other image features). Another count: the
+    image's whole span (:meth:`~innersight.adapters.base.Adapter.image_spans`) replaced by the
+    family's wrapping of ``n`` tokens (:meth:`~innersight.adapters.base.Adapter.image_wrapping`).
+    """
+    ids = batch.input_ids  # [B, L0]
+    image_id = int(adapter.image_token_id)
+    device = feats.device
+    if feats.shape[0] == pos.numel():
+        last = int(pos[-1])
+        span = ids[b, cursor:last + 1]  # [T'] the text before the image, then the image with its markers
+        emb = embed(span.to(device)).clone()  # [T', D]
+        emb[(pos - cursor).to(device)] = feats
+        pieces_ids.append(span)
+        pieces_emb.append(emb)
+        return last + 1
+    start, stop = adapter.image_spans(batch, b)[i]
+    if start < cursor:
+        raise MethodError(f"{adapter.family}: the images of sample {b} overlap; cannot splice")
+    before, after = adapter.image_wrapping(int(feats.shape[0]))
+    text = torch.cat([ids[b, cursor:start], torch.tensor(before, dtype=ids.dtype, device=ids.device)])  # [T]
+    tail = torch.tensor(after, dtype=ids.dtype, device=ids.device)  # [T2]
+    pieces_ids += [text, torch.full((feats.shape[0],), image_id, dtype=ids.dtype, device=ids.device), tail]
+    pieces_emb += [embed(text.to(device)), feats, embed(tail.to(device))]
+    return stop
 
 
 def left_padded(

@@ -48,6 +48,11 @@ that sees **only** those outlier tokens and contrasts it away:
      ``pool_vision_scores``, so Qwen2.5-VL's window order is handled); the ``k`` merged tokens with
      the highest scores form the negative image, placed on a ``1 x k`` grid (M-RoPE positions from
      ``adapter.prompt_positions``). Any family without a [CLS] gets the same substitute.
+   - SmolVLM (SigLIP, no [CLS]; the same extension): the substitute on each image's global frame
+     (its last frame, after the tiles), averaged over the ``s x s`` patches each pixel-shuffled
+     token holds; the negative image is ``k`` connector tokens written as the processor writes
+     an unsplit image (``<fake_token_around_image><global-img>`` ... ``<fake_token_around_image>``),
+     the tiles and their markers removed.
 3. Each step: ``cutoff = max(l) + log(beta)`` on the original logits,
    ``l' = (1 + alpha) l - alpha l_neg``, ``l < cutoff -> -inf`` (:func:`~.contrast.contrast`).
 

@@ -43,6 +43,8 @@ Measurements, read during the model's own greedy ``generate`` (no extra forward)
   - Qwen2-VL / Qwen2.5-VL: one LM token per merged token (the substitute ranks merged tokens);
   - InternVL 3 / 3.5: the global (thumbnail) tile's tokens only, one per 2x2 patches (the [CLS]
     ranking, pooled per token, covers that tile; the other tiles are left out of ``n``);
+  - SmolVLM: the global frame's tokens only, one per ``s x s`` patches (the substitute ranking,
+    pooled per token, covers that frame; the tiles and their markers are left out of ``n``);
   - InstructBLIP (an extension beyond the paper): the decoder sees the Q-Former's 32 queries, not
     patches. A query's attention is passed to the ViT patches through the Q-Former
     cross-attention ``C[q, j]`` (mean over heads and over every cross-attention block, [CLS]
