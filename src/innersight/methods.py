@@ -230,7 +230,7 @@ _method("dola", "decoding", "innersight.decode.dola:DoLa",
         "arXiv 2309.03883 (ICLR 2024)")
 _method("damro", "decoding", "innersight.decode.damro:DAMRO",
         "DAMRO: contrast with a branch that sees only the vision encoder's outlier tokens",
-        "arXiv 2410.04514 (EMNLP 2024)", needs=("vision_subset_source", "vision_cls"))
+        "arXiv 2410.04514 (EMNLP 2024)", needs=("vision_subset_source", "vision_has_cls"))
 _method("vcd", "decoding", "innersight.decode.vcd:VCD",
         "VCD (baseline): contrast with a branch that sees the image distorted by diffusion noise",
         "arXiv 2311.16922 (CVPR 2024)")

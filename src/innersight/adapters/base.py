@@ -46,10 +46,11 @@ OPTIONAL_MEMBERS: dict[str, str] = {
                             "a subset of them cannot be re-encoded (DAMRO's negative image)",
 }
 
-#: what a family's models may lack: fact -> what it assumes. A family without it states its
-#: documented substitute in :attr:`Adapter.substitutes` under the fact's name
+#: what a family's models may lack: fact -> what it assumes. Each fact is named after the boolean
+#: adapter property that answers it on a loaded model; a family whose models lack it states its
+#: documented substitute in :attr:`Adapter.substitutes` under that name (and the property is False)
 FAMILY_FACTS: dict[str, str] = {
-    "vision_cls": "a [CLS] token in the vision encoder whose attention row ranks the patches (vision_has_cls)",
+    "vision_has_cls": "a [CLS] token in the vision encoder whose attention row ranks the patches",
 }
 
 #: the documented substitute of a vision encoder without [CLS] (DAMRO, outlier-overlap), for
@@ -129,7 +130,7 @@ class Adapter(ABC):
     #: the paper-reference prompt template (``{image}`` stands for one image placeholder each)
     reference_template: ClassVar[str] = "{images}{question}"
     #: the documented substitutes this family uses where its models lack a :data:`FAMILY_FACTS`
-    #: fact: fact -> one line (``{"vision_cls": NO_VISION_CLS}`` for a vision encoder without
+    #: fact: fact -> one line (``{"vision_has_cls": NO_VISION_CLS}`` for a vision encoder without
     #: [CLS]). Class-level, so that ``innersight list`` reads it without a model; the instance
     #: facts (:attr:`vision_has_cls`) must agree on the family's models (tests/test_support_matrix.py)
     substitutes: ClassVar[dict[str, str]] = {}
@@ -577,7 +578,7 @@ class Adapter(ABC):
         ranks the patches (DAMRO, outlier-overlap). Without one, DAMRO uses its documented
         substitute: the mean attention each token *receives* (an extension beyond the paper). A
         family whose models have none also states it at class level, ``substitutes =
-        {"vision_cls": NO_VISION_CLS}``, for ``innersight list``.
+        {"vision_has_cls": NO_VISION_CLS}``, for ``innersight list``.
 
         Base: the CLIP / BLIP convention, a ``class_embedding`` on the vision tower's
         ``embeddings`` module (SigLIP has none: False; InternViT's is a ``cls_token``, its adapter

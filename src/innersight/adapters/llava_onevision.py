@@ -359,7 +359,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     #: sample (to tile only the images alone in their sample)
     image_feature_inputs = ("image_sizes", "batch_num_images")
     #: SigLIP has no [CLS] (class-level statement for ``innersight list``)
-    substitutes: ClassVar[dict[str, str]] = {"vision_cls": NO_VISION_CLS}
+    substitutes: ClassVar[dict[str, str]] = {"vision_has_cls": NO_VISION_CLS}
 
     @property
     def vision_subset_prefix(self) -> int:

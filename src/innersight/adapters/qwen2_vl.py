@@ -317,13 +317,13 @@ class Qwen2VLAdapter(Adapter):
     image_feature_inputs = ("image_grid_thw",)
 
     #: the Qwen ViT has no [CLS]: DAMRO's documented substitute ranks the (merged) tokens
-    substitutes: ClassVar[dict[str, str]] = {"vision_cls": NO_VISION_CLS}
+    substitutes: ClassVar[dict[str, str]] = {"vision_has_cls": NO_VISION_CLS}
 
     @property
     def vision_has_cls(self) -> bool:
         """No [CLS] (:attr:`substitutes` says so): DAMRO's substitute (attention received per
         patch) ranks the tokens."""
-        return "vision_cls" not in self.substitutes
+        return "vision_has_cls" not in self.substitutes
 
     @property
     def vision_full_attention_layers(self) -> tuple[int, ...]:
