@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from innersight import support
-from innersight.adapters import FAMILIES, adapter_class
+from innersight.adapters import FAMILIES
 from innersight.adapters.base import FAMILY_FACTS, NO_VISION_CLS, OPTIONAL_MEMBERS, SUPPORT_LEVELS, Adapter
 from innersight.errors import MethodError
 from innersight.methods import METHODS, MethodSpec, register
@@ -160,9 +160,9 @@ def test_list_table_shows_marks_legend_and_notes(capsys):
     code, out, err = run_cli("list")
     assert code == 0, err
     assert "Method x family support" in out
+    flat = " ".join(out.split())  # the terminal wraps long lines
     for level, text in support.LEGEND.items():
-        assert f"{support.MARKS[level]} {level}" in out
-    flat = " ".join(out.split())  # the terminal wraps long notes
+        assert f"{support.MARKS[level]} {level}: {text}" in flat
     for method, level, reason, where in support.grouped_notes(support.support_matrix()):
         assert f"{support.MARKS[level]} {method} on {', '.join(where)}: {' '.join(reason.split())}" in flat
     matrix_part = out[out.index("Method x family support"):].splitlines()
