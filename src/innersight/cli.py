@@ -498,14 +498,16 @@ def list_(as_json: JsonOpt = False) -> None:
     from .eval.scorers import variants
     from .instruments import describe_instruments
     from .methods import METHODS
+    from .support import matrix_json
 
     data = {
         "models": [{"family": k, "name": v} for k, v in FAMILY_NAMES.items()]
         + [{"family": "llava", "name": "micro (bundled, offline)"}],
         "methods": [
             {"name": s.name, "set_names": list(dict.fromkeys((s.name, s.key or s.name))), "point": s.point,
-             "summary": s.summary, "source": s.source} for s in METHODS.values()
+             "summary": s.summary, "source": s.source, "needs": list(s.needs)} for s in METHODS.values()
         ],
+        "support_matrix": matrix_json(),
         "benchmarks": [{**b.describe(), "scorer_variants": variants(b.scorer)} for b in BENCHMARKS.values()],
         "instruments": describe_instruments(),
     }
@@ -535,6 +537,7 @@ def list_(as_json: JsonOpt = False) -> None:
         console.print("Methods: none in this version yet.")
     else:
         console.print(methods)
+        _print_support_matrix(console)
     benchmarks = Table(title="Benchmarks")
     for col in ("name", "splits", "scorer variants", "presets"):
         benchmarks.add_column(col)
@@ -548,6 +551,39 @@ def list_(as_json: JsonOpt = False) -> None:
         bench = i["default_benchmark"] + (f" ({i['default_split']})" if i["default_split"] else "")
         instruments.add_row(i["name"], i["title"], bench, "\n".join(f"{k}={_shown(v)}" for k, v in i["options"].items()))
     console.print(instruments)
+
+
+def _print_support_matrix(console: Any) -> None:
+    """The method x family matrix (:mod:`innersight.support`): methods as rows, families as
+    columns (numbered, with a key, where the names do not fit the terminal), one mark per cell,
+    then a legend and one note per substitute or refusal."""
+    from .support import LEGEND, MARKS, grouped_notes, support_matrix
+
+    matrix = support_matrix()
+    families = list(next(iter(matrix.values()), {}))
+    # one word per line ("llava_next" -> "llava" / "next") keeps the columns narrow
+    table = _matrix_table(matrix, ["\n".join(f.split("_")) for f in families])
+    natural = console.measure(table, options=console.options.update(max_width=10_000)).maximum  # unclamped
+    if natural > console.width:
+        table = _matrix_table(matrix, [str(i) for i in range(1, len(families) + 1)])
+        console.print("families: " + ", ".join(f"{i} {f}" for i, f in enumerate(families, 1)), highlight=False)
+    console.print(table)
+    console.print("  ".join(f"{MARKS[level]} {level}: {text}" for level, text in LEGEND.items()), highlight=False)
+    for method, level, reason, where in grouped_notes(matrix):
+        console.print(f"{MARKS[level]} {method} on {', '.join(where)}: {reason}", highlight=False)
+
+
+def _matrix_table(matrix: dict[str, Any], headers: list[str]) -> Any:
+    """The marks of ``matrix`` (method -> family -> Cell) under one column header per family."""
+    from rich.table import Table
+
+    table = Table(title="Method x family support (from each method's needs and the adapters' facets)")
+    table.add_column("method", no_wrap=True)
+    for header in headers:
+        table.add_column(header, justify="center", no_wrap=True)
+    for method, row in matrix.items():
+        table.add_row(method, *(c.mark for c in row.values()))
+    return table
 
 
 def _shown(value: object) -> str:

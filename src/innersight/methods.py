@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .adapters.base import FAMILY_FACTS, OPTIONAL_MEMBERS
 from .errors import MethodError
 from .flow import Plan, merge_processors
 from .points import POINTS
@@ -45,6 +46,10 @@ class MethodSpec:
     preset: tuple[tuple[str, Any], ...] = ()
     #: config defaults this method name changes but a user may override (e.g. the gate's threshold)
     defaults: tuple[tuple[str, Any], ...] = ()
+    #: the adapter facets this method needs beyond the core contract (names in
+    #: :data:`innersight.adapters.base.OPTIONAL_MEMBERS` / ``FAMILY_FACTS``): how each family
+    #: serves them makes the method x family matrix of ``innersight list`` (:mod:`innersight.support`)
+    needs: tuple[str, ...] = ()
 
     def load(self) -> Any:
         return import_target(self.target)
@@ -119,9 +124,14 @@ METHODS: Registry[MethodSpec] = Registry("method", missing="unknown method {name
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add ``spec`` to :data:`METHODS` (``ValueError`` for an unknown point or a name taken)."""
+    """Add ``spec`` to :data:`METHODS` (``ValueError`` for an unknown point, an unknown facet in
+    ``needs`` or a name taken)."""
     if spec.point not in POINTS:
         raise ValueError(f"{spec.name}: unknown intervention point {spec.point!r}")
+    unknown = [n for n in spec.needs if n not in OPTIONAL_MEMBERS and n not in FAMILY_FACTS]
+    if unknown:
+        raise ValueError(f"{spec.name}: needs unknown facet(s) {', '.join(unknown)}; facets: "
+                         f"{', '.join([*OPTIONAL_MEMBERS, *FAMILY_FACTS])}")
     return METHODS.register(spec.name, spec)
 
 
@@ -188,16 +198,23 @@ def settings_by_name(specs: Sequence[MethodSpec], overrides: dict[str, dict[str,
 
 # ---------------------------------------------------------------------- the registry
 def _method(name: str, point: str, impl: str, summary: str, source: str, *, key: str = "",
-            preset: tuple[tuple[str, Any], ...] = (), defaults: tuple[tuple[str, Any], ...] = ()) -> MethodSpec:
+            preset: tuple[tuple[str, Any], ...] = (), defaults: tuple[tuple[str, Any], ...] = (),
+            needs: tuple[str, ...] = ()) -> MethodSpec:
     """Register ``module:Class`` whose config dataclass is ``module:ClassConfig``."""
     return register(MethodSpec(name=name, point=point, summary=summary, target=impl, config=f"{impl}Config",
-                               key=key or name, preset=preset, defaults=defaults, source=source))
+                               key=key or name, preset=preset, defaults=defaults, source=source, needs=needs))
 
+
+#: what a ViCrop map variant needs from the adapter beyond the core contract: rel-att and grad-att
+#: project decoder attention through ``token_grid`` (every family has one: patch cells, or
+#: InstructBLIP's Q-Former weights); pure-grad reads the pixels' gradient through ``pixel_view``
+_VICROP_NEEDS: dict[str, tuple[str, ...]] = {"rel-att": (), "grad-att": (), "pure-grad": ("pixel_view",)}
 
 for _variant in ("rel-att", "grad-att", "pure-grad"):
     _method(f"vicrop-{_variant}", "input", "innersight.look.vicrop:ViCrop",
             f"ViCrop: crop where the {_variant} map points, show the crop beside the image",
-            "arXiv 2502.17422 (ICLR 2025)", key="vicrop", preset=(("variant", _variant),))
+            "arXiv 2502.17422 (ICLR 2025)", key="vicrop", preset=(("variant", _variant),),
+            needs=_VICROP_NEEDS[_variant])
 _method("vicrop-gated", "input", "innersight.look.vicrop:ViCrop",
         "ViCrop rel-att behind an early crop gate: answer plainly, crop only where the question map is peaked and "
         "the answer unsure (micro-calibrated)",
@@ -213,7 +230,7 @@ _method("dola", "decoding", "innersight.decode.dola:DoLa",
         "arXiv 2309.03883 (ICLR 2024)")
 _method("damro", "decoding", "innersight.decode.damro:DAMRO",
         "DAMRO: contrast with a branch that sees only the vision encoder's outlier tokens",
-        "arXiv 2410.04514 (EMNLP 2024)")
+        "arXiv 2410.04514 (EMNLP 2024)", needs=("vision_subset_source", "vision_has_cls"))
 _method("vcd", "decoding", "innersight.decode.vcd:VCD",
         "VCD (baseline): contrast with a branch that sees the image distorted by diffusion noise",
         "arXiv 2311.16922 (CVPR 2024)")

@@ -10,6 +10,12 @@ adapter. An adapter wraps a loaded model and its processor and answers
   image each token covers (:class:`ImageLayout`);
 * the text and map facet: which module generates without an image, how the image tokens land on
   an image grid (:class:`TokenGrid`), and whether a prompt's prefix may be encoded once.
+
+Some facets are *optional* (:data:`OPTIONAL_MEMBERS`: the base refuses, a family provides them by
+overriding) or assume something a family's models may lack (:data:`FAMILY_FACTS`: the family states
+its documented substitute in :attr:`Adapter.substitutes`). :meth:`Adapter.support` answers, from
+the class alone (no model), how the family serves each facet; ``innersight list`` builds its
+method x family matrix from it (:mod:`innersight.support`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 TEMPLATES = ("chat", "reference")
+
+#: optional members of the contract: the base refuses with this reason (after the family's name) and
+#: a family provides the member by overriding it; a method that needs one names it in
+#: ``MethodSpec.needs`` and ``innersight list`` shows the reason where a family lacks it
+OPTIONAL_MEMBERS: dict[str, str] = {
+    "pixel_view": "no pixel-space view of its images (pixel_view): pixel-space maps (pure-grad) are not available",
+    "vision_subset_source": "names no module whose output holds an image's candidate tokens (vision_subset_source): "
+                            "a subset of them cannot be re-encoded (DAMRO's negative image)",
+}
+
+#: what a family's models may lack: fact -> what it assumes. Each fact is named after the boolean
+#: adapter property that answers it on a loaded model; a family whose models lack it states its
+#: documented substitute in :attr:`Adapter.substitutes` under that name (and the property is False)
+FAMILY_FACTS: dict[str, str] = {
+    "vision_has_cls": "a [CLS] token in the vision encoder whose attention row ranks the patches",
+}
+
+#: the documented substitute of a vision encoder without [CLS] (DAMRO, outlier-overlap), for
+#: :attr:`Adapter.substitutes`
+NO_VISION_CLS = "no [CLS]; ranks patches by the mean attention they receive (an extension beyond the paper)"
+
+#: how a family serves a facet (:meth:`Adapter.support`)
+SUPPORT_LEVELS = ("yes", "substitute", "refuses")
 #: invisible, zero-width; breaks a control-token string in user text into plain characters
 WORD_JOINER = "\u2060"
 
@@ -100,6 +129,11 @@ class Adapter(ABC):
     architectures: ClassVar[tuple[str, ...]]
     #: the paper-reference prompt template (``{image}`` stands for one image placeholder each)
     reference_template: ClassVar[str] = "{images}{question}"
+    #: the documented substitutes this family uses where its models lack a :data:`FAMILY_FACTS`
+    #: fact: fact -> one line (``{"vision_has_cls": NO_VISION_CLS}`` for a vision encoder without
+    #: [CLS]). Class-level, so that ``innersight list`` reads it without a model; the instance
+    #: facts (:attr:`vision_has_cls`) must agree on the family's models (tests/test_support_matrix.py)
+    substitutes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: Any, processor: Any):
         self.model = model
@@ -124,6 +158,31 @@ class Adapter(ABC):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(path, **kwargs)
+
+    # ------------------------------------------------------------------ facet support (class-level)
+    @classmethod
+    def implements(cls, member: str) -> bool:
+        """Whether this family provides the optional member ``member`` (:data:`OPTIONAL_MEMBERS`):
+        some class between it and :class:`Adapter` overrides the base's refusal."""
+        if member not in OPTIONAL_MEMBERS:
+            raise ValueError(f"{member!r} is no optional adapter member; optional: {', '.join(OPTIONAL_MEMBERS)}")
+        return getattr(cls, member) is not getattr(Adapter, member)
+
+    @classmethod
+    def support(cls, facet: str) -> tuple[str, str]:
+        """How this family serves ``facet`` (an optional member or a family fact), from the class
+        alone: ``("yes", "")``, ``("substitute", the documented substitute)`` or ``("refuses",
+        the reason a method that needs it fails with)``. What ``innersight list`` shows."""
+        if facet in OPTIONAL_MEMBERS:
+            return ("yes", "") if cls.implements(facet) else ("refuses", OPTIONAL_MEMBERS[facet])
+        if facet not in FAMILY_FACTS:
+            known = ", ".join([*OPTIONAL_MEMBERS, *FAMILY_FACTS])
+            raise ValueError(f"unknown facet {facet!r}; facets: {known}")
+        return ("substitute", cls.substitutes[facet]) if facet in cls.substitutes else ("yes", "")
+
+    def _missing(self, member: str) -> MethodError:
+        """The refusal of optional member ``member`` (its :data:`OPTIONAL_MEMBERS` reason)."""
+        return MethodError(f"{self.family}: {OPTIONAL_MEMBERS[member]}")
 
     # ------------------------------------------------------------------ modules and sizes
     @property
@@ -491,10 +550,9 @@ class Adapter(ABC):
 
     def pixel_view(self, batch: Batch, tensor: torch.Tensor, sample: int) -> tuple[torch.Tensor, GridView]:
         """The [3, H, W] pixels (or pixel gradients) of sample ``sample``'s first image, shaped
-        like ``batch.inputs["pixel_values"]``, and the grid view those pixels cover."""
-        from ..errors import MethodError
-
-        raise MethodError(f"{self.family}: pixel-space maps (pure-grad) are not available for this family")
+        like ``batch.inputs["pixel_values"]``, and the grid view those pixels cover (ViCrop's
+        pure-grad map). Optional: the base refuses (:data:`OPTIONAL_MEMBERS`)."""
+        raise self._missing("pixel_view")
 
     # ---- vision facet: what the vision path does, for outlier analyses and image contrasts --------
     #
@@ -527,7 +585,9 @@ class Adapter(ABC):
     def vision_has_cls(self) -> bool:
         """Whether the vision encoder's sequence starts with a [CLS] token whose attention row
         ranks the patches (DAMRO, outlier-overlap). Without one, DAMRO uses its documented
-        substitute: the mean attention each token *receives* (an extension beyond the paper).
+        substitute: the mean attention each token *receives* (an extension beyond the paper). A
+        family whose models have none also states it at class level, ``substitutes =
+        {"vision_has_cls": NO_VISION_CLS}``, for ``innersight list``.
 
         Base: the CLIP / BLIP convention, a ``class_embedding`` on the vision tower's
         ``embeddings`` module (SigLIP has none: False; InternViT's is a ``cls_token``, its adapter
@@ -614,11 +674,12 @@ class Adapter(ABC):
         encodes them: DAMRO gathers its outliers there during the main prefill (nothing is
         encoded twice) and hands them to :meth:`encode_vision_subset`.
 
+        Optional (:data:`OPTIONAL_MEMBERS`): a family without it cannot run DAMRO.
+
         Raises:
             MethodError: in the base class: the family must name it.
         """
-        raise MethodError(f"{self.family}: the adapter does not name the module whose output holds the image's "
-                          f"candidate tokens (vision_subset_source); DAMRO cannot build its negative image")
+        raise self._missing("vision_subset_source")
 
     @property
     def vision_subset_prefix(self) -> int:

@@ -51,10 +51,10 @@ transformers 5.17 vs 5.25: the same token arithmetic and masks; 5.25 renames ``p
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, Batch
+from .base import NO_VISION_CLS, Adapter, Batch
 from .geometry import Box, GridView, row_major_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -269,6 +269,9 @@ class Gemma3Adapter(Adapter):
     # the ``t*t`` tokens of its original view, read from the projector's output (already projected:
     # re-encoding a subset is the subset itself, the base's answer), and per-patch scores are
     # averaged over each token's patches.
+
+    #: SigLIP has no [CLS] (class-level statement for ``innersight list``)
+    substitutes: ClassVar[dict[str, str]] = {"vision_has_cls": NO_VISION_CLS}
 
     def views_per_image(self, batch: Batch) -> list[int]:
         """Sequences the vision tower runs for each image of ``batch`` (flat): the original plus one

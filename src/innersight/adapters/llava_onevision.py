@@ -48,10 +48,10 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import UnsupportedModelError
-from .base import Batch
+from .base import NO_VISION_CLS, Batch
 from .geometry import Box, GridView, processed_region, row_major_index
 from .llava_next import AnyresLayout, LlavaNextAdapter, _field
 
@@ -358,6 +358,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     #: ``get_image_features`` needs each image's size (to pack its tiles) and the images per
     #: sample (to tile only the images alone in their sample)
     image_feature_inputs = ("image_sizes", "batch_num_images")
+    #: SigLIP has no [CLS] (class-level statement for ``innersight list``)
+    substitutes: ClassVar[dict[str, str]] = {"vision_has_cls": NO_VISION_CLS}
 
     @property
     def vision_subset_prefix(self) -> int:

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import Adapter, Batch
+from .base import NO_VISION_CLS, Adapter, Batch
 from .geometry import GridView, row_major_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -316,10 +316,14 @@ class Qwen2VLAdapter(Adapter):
     #: ``get_image_features`` needs each image's patch grid
     image_feature_inputs = ("image_grid_thw",)
 
+    #: the Qwen ViT has no [CLS]: DAMRO's documented substitute ranks the (merged) tokens
+    substitutes: ClassVar[dict[str, str]] = {"vision_has_cls": NO_VISION_CLS}
+
     @property
     def vision_has_cls(self) -> bool:
-        """No [CLS]: DAMRO's substitute (attention received per patch) ranks the tokens."""
-        return False
+        """No [CLS] (:attr:`substitutes` says so): DAMRO's substitute (attention received per
+        patch) ranks the tokens."""
+        return "vision_has_cls" not in self.substitutes
 
     @property
     def vision_full_attention_layers(self) -> tuple[int, ...]:
