@@ -67,10 +67,10 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import MethodError, UnsupportedModelError
-from .base import Adapter, Batch
+from .base import NO_VISION_CLS, Adapter, Batch
 from .geometry import Box, GridView, row_major_index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -216,6 +216,8 @@ class SmolVLMAdapter(Adapter):
     """Adapter of SmolVLM2 checkpoints (``HuggingFaceTB/SmolVLM2-*``)."""
 
     family = "smolvlm"
+    #: SigLIP has no [CLS]: DAMRO and the outlier-overlap instrument rank by attention received
+    substitutes: ClassVar[dict[str, str]] = {"vision_has_cls": NO_VISION_CLS}
     architectures = ("SmolVLMForConditionalGeneration",)
     #: no paper evaluated SmolVLM: ``reference`` is the official chat format, written out literally
     reference_template = SMOLVLM_REFERENCE_TEMPLATE
