@@ -539,7 +539,7 @@ def test_negative_cache_steps_equal_an_uncached_forward(tiny_mllm, image, family
         step = torch.arange(1, t + 1, device=neg.position_ids.device)
         ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [2, Ln + t]
         mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(2, t)], 1)  # [2, Ln + t]
-        with torch.no_grad():
+        with torch.no_grad(), mllm.adapter.injecting(ids, neg.injected):  # the outliers' DeepStack rows (Qwen3-VL)
             out = module(
                 inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
                 attention_mask=mask,
