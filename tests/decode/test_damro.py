@@ -432,6 +432,15 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
     for b in range(2):
         at = (neg.input_ids[b] == image_id) & neg.attention_mask[b].bool().to(neg.input_ids.device)
         torch.testing.assert_close(embeds[b][at.to(embeds.device)], expected[b], atol=1e-5, rtol=1e-4)
+    # decoder injections (Qwen3-VL's DeepStack): each outlier keeps its own rows, in image-token order
+    if not adapter.image_injection_layers:
+        assert neg.injected is None
+        return
+    with torch.no_grad():
+        rows = adapter.image_rows(batch, batch.inputs["pixel_values"])  # the model's own pass
+    expected_rows = torch.cat([r.injected[:, capture.selected[i]] for i, r in enumerate(rows)], dim=1)  # [S, 2k, D]
+    assert neg.injected.shape == (len(adapter.image_injection_layers), 2 * k, adapter.hidden_size)
+    torch.testing.assert_close(neg.injected, expected_rows, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------- end to end, hand oracle
