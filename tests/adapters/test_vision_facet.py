@@ -401,6 +401,22 @@ def test_base_refuses_unknown_facts_naming_the_family():
     assert bare.query_patch_blocks == 0 and bare.vision_subset_prefix == 0
 
 
+def test_base_has_no_decoder_injections():
+    """A family that states nothing adds no image rows inside its decoder: every hook is a no-op,
+    and rows handed to it are refused naming the family."""
+    bare = _Bare(SimpleNamespace(), [])
+    assert bare.image_injection_layers == ()
+    assert bare.vision_candidate_injections(None, None) is None
+    assert bare.language_model_injections({"deepstack_visual_embeds": [torch.zeros(1, 2)]}) is None
+    with bare.injecting(torch.zeros(1, 3, dtype=torch.long), None):
+        pass
+    with pytest.raises(MethodError, match="bare.*injections"):
+        with bare.injecting(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 1, 2)):
+            pass
+    with bare.residual_additions() as added:
+        assert added(0) is None
+
+
 def test_base_defaults_follow_the_clip_siglip_convention():
     """A SigLIP-like tower (embeddings without class_embedding) has no [CLS]; a CLIP-like one has;
     separate q_proj / k_proj give [N, H, L, d] queries and keys, one head per d columns."""

@@ -24,7 +24,8 @@ M-RoPE scheme, with a new vision tower and DeepStack. Per image (transformers 5.
    ``deepstack_visual_embeds[j]``, ``[N_image_tokens, D]`` in the order of the image tokens). The
    model computes them only from ``pixel_values``: a forward on ``inputs_embeds`` without pixels
    (a spliced prompt) runs without DeepStack unless the caller passes ``visual_pos_masks`` and
-   ``deepstack_visual_embeds`` to the language model itself. Decoder ``hidden_states`` (from
+   ``deepstack_visual_embeds`` to the language model itself (:meth:`Qwen3VLAdapter.injecting`,
+   the family's answer to the base's "decoder injections"). Decoder ``hidden_states`` (from
    ``output_hidden_states``) are recorded at each decoder layer's output, i.e. *before* the
    DeepStack addition of that layer; text positions are never touched.
 5. M-RoPE is interleaved (height / width frequencies every third of ``mrope_section``), and an
