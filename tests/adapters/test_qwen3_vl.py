@@ -137,6 +137,64 @@ def test_deepstack_is_added_at_image_positions_after_the_named_decoder_layers(ml
         assert float(added[~image].abs().max()) == 0.0
 
 
+def _stream_into_layer_one(mllm, **inputs):
+    """The hidden states [B, L, D] entering decoder layer 1 (layer 0's output plus DeepStack level 0)."""
+    seen = {}
+    hook = mllm.adapter.decoder_layers[1].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.__setitem__("h", args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = mllm.model(**inputs).logits
+    finally:
+        hook.remove()
+    return seen["h"], out
+
+
+def test_decoder_injections_are_deepstack_and_a_built_prompt_reproduces_the_prefill(mllm):
+    """image_rows: one vision pass, merged tokens + DeepStack rows per image; a forward on the
+    prompt's embeddings inside ``injecting`` equals the model's own prefill, without it it does not
+    (image positions after layer 0); residual_additions reads level j's rows for layer j."""
+    a = mllm.adapter
+    batch = mllm.prepare([[_noise(96, 64, 1), _noise(40, 120, 2)]], ["compare them"])
+    assert a.image_injection_layers == a.deepstack_decoder_layers == (0, 1)
+    with torch.no_grad():
+        rows = a.image_rows(batch, batch.inputs["pixel_values"])
+        levels = a.deepstack_features(a.model.model.get_image_features(batch.inputs["pixel_values"],
+                                                                       batch.inputs["image_grid_thw"]))
+    assert [r.embeds.shape[0] for r in rows] == [6, 4] and [tuple(r.injected.shape) for r in rows] == [(2, 6, 32),
+                                                                                                        (2, 4, 32)]
+    injected = torch.cat([r.injected for r in rows], dim=1)  # [S, N, D]
+    torch.testing.assert_close(injected, torch.stack(levels))
+    ids, mask = batch.input_ids, batch.inputs["attention_mask"]
+    embeds = a.language_model.get_input_embeddings()(ids).clone()  # [1, L, D]
+    image = ids == a.image_token_id  # [1, L]
+    embeds[image] = torch.cat([r.embeds for r in rows])
+    with torch.no_grad():
+        positions = a.prompt_positions(batch, ids, mask, [[6, 4]])
+    own_stream, own = _stream_into_layer_one(mllm, **batch.inputs)
+    with a.injecting(ids, injected), a.residual_additions() as added:
+        built_stream, built = _stream_into_layer_one(mllm, inputs_embeds=embeds, attention_mask=mask,
+                                                     position_ids=positions)
+        assert torch.equal(added(0)[0], image) and torch.equal(added(1)[1], injected[1]) and added(2) is None
+    torch.testing.assert_close(built, own, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(built_stream, own_stream, atol=1e-5, rtol=1e-4)
+    plain_stream, _ = _stream_into_layer_one(mllm, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    torch.testing.assert_close(plain_stream[~image], own_stream[~image], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(plain_stream[image], own_stream[image] - injected[0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain_stream[image], own_stream[image], atol=1e-4)
+    # the hooks are gone after the blocks; rows that do not fit the prompt are refused
+    assert not a.language_model._forward_pre_hooks
+    from innersight.errors import MethodError
+
+    with pytest.raises(MethodError, match="qwen3_vl.*DeepStack rows"):
+        with a.injecting(ids, injected[:, :-1]):
+            pass
+    with pytest.raises(MethodError, match="qwen3_vl.*another"):
+        with a.injecting(ids[:, 1:], injected), torch.no_grad():
+            mllm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    assert not a.language_model._forward_pre_hooks
+
+
 # ---------------------------------------------------------------------------------------- tokens
 
 

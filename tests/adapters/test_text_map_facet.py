@@ -31,6 +31,9 @@ ROWS_PER_IMAGE = {"internvl": 5}
 #: prefix sharing (its prompts need token_type_ids, and sliding-window layers keep only the last
 #: window of keys, so a suffix pass cannot see the prefix's whole row)
 TEXT_ONLY["gemma3"], BLOCKS["gemma3"], SHARES_PREFIX["gemma3"] = "model", 0, False
+#: Qwen3-VL: as Qwen2-VL (the whole model runs without pixels; merged tokens are grid cells; M-RoPE
+#: positions, so no shared prefix)
+TEXT_ONLY["qwen3_vl"], BLOCKS["qwen3_vl"], SHARES_PREFIX["qwen3_vl"] = "model", 0, False
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:

@@ -50,8 +50,11 @@ ATTENTION_ATTR = {"qwen2_vl": "attn", "qwen2_5_vl": "attn", "internvl": "attenti
 #: Gemma 3: 64 px / patch 8 = 8x8 SigLIP patches (no CLS), the projector reads the last of 2 layers
 #: (layers[1]), 2x2 patches average-pooled into each of the 4x4 = 16 LM tokens
 FACTS["gemma3"] = (2, 1, False, 2, 64, 16)
+#: Qwen3-VL (patch 16, merge 2: multiples of 32): 90x60 -> 96x64 -> 6x4 patches, 3x2 merged, last block 1
+FACTS["qwen3_vl"] = (2, 1, False, 2, 24, 6)
+ATTENTION_ATTR["qwen3_vl"] = "attn"
 #: families whose LM image tokens pool several vision patches (scores averaged per token)
-POOLED = ("qwen2_vl", "qwen2_5_vl", "gemma3")
+POOLED = ("qwen2_vl", "qwen2_5_vl", "gemma3", "qwen3_vl")
 
 
 def _image(seed: int, w: int = 90, h: int = 60) -> Image.Image:
@@ -346,8 +349,11 @@ def test_vision_input_index_and_query_patch_blocks(tiny_mllm, family):
     pixels = batch.inputs["pixel_values"]
     where = [adapter.vision_input_index(batch, i) for i in range(2)]
     if family.startswith("qwen"):
-        # 90x60 -> 6x4 patches = 24 rows; 50x80 -> smart_resize 56x84 -> 4x6 = 24 rows
-        assert where == [slice(0, 24), slice(24, 48)] and pixels.shape[0] == 48
+        # Qwen2-VL / 2.5-VL (multiples of 28): 90x60 -> 6x4 patches = 24 rows; 50x80 -> smart_resize
+        # 56x84 -> 4x6 = 24 rows. Qwen3-VL (multiples of 32): 90x60 -> 96x64 -> 24 rows; 50x80 ->
+        # round(50 / 32) = 2, round(80 / 32) = round(2.5) = 2 -> 64x64 -> 4x4 = 16 rows
+        second = 16 if family == "qwen3_vl" else 24
+        assert where == [slice(0, 24), slice(24, 24 + second)] and pixels.shape[0] == 24 + second
     elif family == "internvl":
         first, second = INTERNVL_TILES[(90, 60)], INTERNVL_TILES[(50, 80)]
         assert where == [slice(0, first), slice(first, first + second)] and pixels.shape[0] == first + second
@@ -420,6 +426,22 @@ def test_base_refuses_unknown_facts_naming_the_family():
     with pytest.raises(MethodError, match="bare.*vision_query_key"):
         bare.vision_query_key(SimpleNamespace(qkv=None), torch.zeros(1, 2, 4), {})
     assert bare.query_patch_blocks == 0 and bare.vision_subset_prefix == 0
+
+
+def test_base_has_no_decoder_injections():
+    """A family that states nothing adds no image rows inside its decoder: every hook is a no-op,
+    and rows handed to it are refused naming the family."""
+    bare = _Bare(SimpleNamespace(), [])
+    assert bare.image_injection_layers == ()
+    assert bare.vision_candidate_injections(None, None) is None
+    assert bare.language_model_injections({"deepstack_visual_embeds": [torch.zeros(1, 2)]}) is None
+    with bare.injecting(torch.zeros(1, 3, dtype=torch.long), None):
+        pass
+    with pytest.raises(MethodError, match="bare.*injections"):
+        with bare.injecting(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 1, 2)):
+            pass
+    with bare.residual_additions() as added:
+        assert added(0) is None
 
 
 def test_base_defaults_follow_the_clip_siglip_convention():

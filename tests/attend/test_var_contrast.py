@@ -106,7 +106,8 @@ def _uncached_negative(mllm, proc: ContrastiveProcessor, batch, input_ids: torch
     new = input_ids[:, batch.input_ids.shape[1]:]  # [B, t]
     t = new.shape[1]
     step = torch.arange(1, t + 1, device=neg.position_ids.device)
-    with torch.no_grad():
+    ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)
+    with torch.no_grad(), mllm.adapter.injecting(ids, neg.injected):  # the prompt's DeepStack rows (Qwen3-VL)
         out = module(
             inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
             attention_mask=torch.cat([neg.attention_mask, neg.attention_mask.new_ones(neg.rows, t)], 1),

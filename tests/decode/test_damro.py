@@ -475,6 +475,15 @@ def test_negative_inputs_hold_exactly_the_k_outlier_tokens(tiny_mllm, image, fam
     for b in range(2):
         at = (neg.input_ids[b] == image_id) & neg.attention_mask[b].bool().to(neg.input_ids.device)
         torch.testing.assert_close(embeds[b][at.to(embeds.device)], expected[b], atol=1e-5, rtol=1e-4)
+    # decoder injections (Qwen3-VL's DeepStack): each outlier keeps its own rows, in image-token order
+    if not adapter.image_injection_layers:
+        assert neg.injected is None
+        return
+    with torch.no_grad():
+        rows = adapter.image_rows(batch, batch.inputs["pixel_values"])  # the model's own pass
+    expected_rows = torch.cat([r.injected[:, capture.selected[i]] for i, r in enumerate(rows)], dim=1)  # [S, 2k, D]
+    assert neg.injected.shape == (len(adapter.image_injection_layers), 2 * k, adapter.hidden_size)
+    torch.testing.assert_close(neg.injected, expected_rows, atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------- end to end, hand oracle
@@ -582,7 +591,7 @@ def test_negative_cache_steps_equal_an_uncached_forward(tiny_mllm, image, family
         step = torch.arange(1, t + 1, device=neg.position_ids.device)
         ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [2, Ln + t]
         mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(2, t)], 1)  # [2, Ln + t]
-        with torch.no_grad():
+        with torch.no_grad(), mllm.adapter.injecting(ids, neg.injected):  # the outliers' DeepStack rows (Qwen3-VL)
             out = module(
                 inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1),
                 attention_mask=mask,

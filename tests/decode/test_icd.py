@@ -33,18 +33,20 @@ def test_defaults_and_registry():
 
 
 def _captured(mllm, batch):
+    """The main prefill's input embeddings [B, L0, D] and decoder injections (None, or Qwen3-VL's
+    DeepStack rows [S, N, D])."""
     capture = PromptEmbeddings(mllm.adapter, batch.input_ids.shape[1])
     with capture, torch.no_grad():
         mllm.model(**batch.inputs)
-    return capture.embeds
+    return capture.embeds, capture.injected
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_disturbance_goes_before_the_instruction_with_the_main_image_tokens(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
     batch = mllm.prepare([image(4), image(5, 50, 80)], QUESTIONS)
-    embeds = _captured(mllm, batch)
-    neg = disturbed_inputs(mllm.adapter, batch, embeds, DISTURBANCES[0])
+    embeds, injected = _captured(mllm, batch)
+    neg = disturbed_inputs(mllm.adapter, batch, embeds, DISTURBANCES[0], injected)
     tok = mllm.adapter.tokenizer
     extra = tok(DISTURBANCES[0], add_special_tokens=False)["input_ids"]
     assert neg.length == batch.input_ids.shape[1] + len(extra)
@@ -62,6 +64,15 @@ def test_the_disturbance_goes_before_the_instruction_with_the_main_image_tokens(
         valid = neg.attention_mask[b].bool()
         kept = torch.cat([neg.inputs_embeds[b][valid][:at], neg.inputs_embeds[b][valid][at + len(extra):]])
         torch.testing.assert_close(kept, embeds[b][mask_main])  # image features reused, not recomputed
+    # decoder injections (Qwen3-VL's DeepStack): the main prefill's rows, one per image token, kept
+    if not mllm.adapter.image_injection_layers:
+        assert injected is None and neg.injected is None
+    else:
+        with torch.no_grad():
+            rows = mllm.adapter.image_rows(batch, batch.inputs["pixel_values"])
+        torch.testing.assert_close(injected, torch.cat([r.injected for r in rows], dim=1))
+        assert neg.injected.shape[1] == int((neg.input_ids == image_id).sum())
+        torch.testing.assert_close(neg.injected, injected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -71,7 +82,8 @@ def test_steps_are_the_closed_form_of_both_branches(tiny_mllm, image, family):
     (proc,) = ICD(ICDConfig(alpha=1.5)).processors(mllm, batch, {})
     seen = spy_steps(mllm, batch, proc, keep=lambda p: p.last_negative.clone())
     assert proc.branch.mode == "serial" and seen
-    neg = disturbed_inputs(mllm.adapter, batch, _captured(mllm, batch), DISTURBANCES[0])
+    embeds, injected = _captured(mllm, batch)
+    neg = disturbed_inputs(mllm.adapter, batch, embeds, DISTURBANCES[0], injected)
     prompt = batch.input_ids.shape[1]
     for input_ids, scores, negative, out in seen:
         torch.testing.assert_close(negative, uncached_negative(mllm, neg, input_ids, prompt), atol=1e-4, rtol=1e-4)

@@ -25,6 +25,7 @@ from innersight.decode.vcd import (
     alpha_bar,
     diffusion_noise,
     image_features,
+    image_rows,
     negative_inputs,
     noised_pixel_values,
 )
@@ -119,10 +120,12 @@ def test_each_image_is_noised_independently_of_its_batch(tiny_mllm, image, famil
 
 
 def _clean_processor(mllm, batch, mode="batched", alpha=1.0):
-    """A contrastive processor whose negative branch is the un-noised prompt, spliced by hand."""
+    """A contrastive processor whose negative branch is the un-noised prompt, spliced by hand (the
+    image rows of the model's own vision pass: its tokens and, where the family has them, the
+    decoder injections of that pass, Qwen3-VL's DeepStack)."""
     def build():
         with torch.no_grad():
-            feats = image_features(mllm, batch, batch.inputs["pixel_values"])
+            feats = image_rows(mllm, batch, batch.inputs["pixel_values"])
         return splice_images(mllm.adapter, batch, features_per_sample(batch, feats))
 
     return ContrastiveProcessor(NegativeBranch(mllm.adapter, build, mode=mode), alpha=alpha, beta=0.1)
@@ -201,6 +204,17 @@ def test_negative_prompt_is_the_prompt_with_noised_image_tokens(tiny_mllm, image
         torch.testing.assert_close(neg.inputs_embeds[b][~at & batch.inputs["attention_mask"][b].bool()],
                                    text[b][~at & batch.inputs["attention_mask"][b].bool()])
         assert not torch.allclose(noisy[b], clean[b])
+    # the decoder injections (Qwen3-VL's DeepStack) are the noised image's, in image-token order
+    with torch.no_grad():
+        rows = image_rows(mllm, batch, noised_pixel_values(mllm.adapter, batch, 500, 1))
+    for f, r in zip(noisy, rows):
+        torch.testing.assert_close(r.embeds, f)
+    if not mllm.adapter.image_injection_layers:
+        assert neg.injected is None and all(r.injected is None for r in rows)
+    else:
+        expected = torch.cat([r.injected for r in rows], dim=1)  # [S, N, D]
+        assert expected.shape[:2] == (len(mllm.adapter.image_injection_layers), int((batch.input_ids == image_id).sum()))
+        torch.testing.assert_close(neg.injected, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -227,12 +241,13 @@ def test_vcd_steps_are_the_closed_form_of_both_branches(tiny_mllm, image, family
         kept = scores >= scores.max(-1, keepdim=True).values + math.log(0.1)
         torch.testing.assert_close(out[kept], (2.0 * scores - negative)[kept])
         assert torch.isinf(out[~kept]).all()
-        # the negative logits: an uncached forward of the noised prompt + the tokens so far
+        # the negative logits: an uncached forward of the noised prompt + the tokens so far (with
+        # the noised image's decoder injections where the family has them: Qwen3-VL's DeepStack)
         new = input_ids[:, prompt:]
         step = torch.arange(1, new.shape[1] + 1, device=neg.position_ids.device)
         ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [B, Ln + t]
         mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1)  # [B, Ln + t]
-        with torch.no_grad():
+        with torch.no_grad(), mllm.adapter.injecting(ids, neg.injected):
             full = module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1), attention_mask=mask,
                           position_ids=torch.cat([neg.position_ids, neg.position_ids[..., -1:] + step], -1),
                           use_cache=False,

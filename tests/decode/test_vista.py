@@ -84,7 +84,9 @@ def test_steps_steer_every_block_and_mix_the_window(tiny_mllm, image, family):
     assert seen
     for _, scores, early, out in seen:
         torch.testing.assert_close(out, augment(scores, early, 0.4))
-    # block 1's steered output (= block 2's input) is steer(its plain output): its input is not steered
+    # block 1's steered output (= block 2's input) is steer(its plain output): its input is not steered.
+    # A family that adds rows after block 1 (Qwen3-VL's DeepStack at the image positions) has the
+    # stream steered after that addition, so block 2's input is still steer(its plain input) there.
     kept = {}
 
     def block_two_input(module, args, kwargs):

@@ -94,6 +94,22 @@ class TokenGrid:
     weights: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class ImageRows:
+    """What stands for one image in a prompt a method builds (:meth:`Adapter.image_rows`): the
+    input embeddings of its ``n`` language-model tokens and, for a family whose decoder adds
+    per-token image rows to the hidden states of the image positions *inside* the stack
+    (Qwen3-VL's DeepStack), those rows: ``injected[j]`` is added after decoder layer
+    :attr:`Adapter.image_injection_layers` ``[j]``. ``injected`` None: the family adds nothing."""
+
+    embeds: torch.Tensor  # [n, D]
+    injected: torch.Tensor | None = None  # [S, n, D]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+
 def token_grid_view(layout: ImageLayout) -> GridView:
     """The view a token map is drawn on: the finest of ``layout``'s views whose cells are
     language-model tokens (LLaVA-NeXT: the high-resolution view rather than the base view)."""
@@ -740,6 +756,63 @@ class Adapter(ABC):
         outlier-overlap instrument averages them. Base: 0 (the LM image tokens are the cells of
         the first view's ``token_index``)."""
         return 0
+
+    # ---- decoder injections: image rows the decoder adds inside the stack ------------------------
+    #
+    # Most families hand the language model their image tokens once, as input embeddings. A family
+    # may also add per-token image rows to the hidden states of the image positions after some
+    # decoder layers (Qwen3-VL's DeepStack), and computes them only from pixels. A prompt a method
+    # builds on ``inputs_embeds`` (an image spliced, noised, reduced to its outliers; an
+    # instruction disturbed) must carry those rows too, or it is not the prompt the model would
+    # see. Asked by decode/contrast.py (splice_images, the negative branch's prefill), vcd.py,
+    # damro.py, icd.py and vista.py. The base: no injections; every hook below is a no-op, so the
+    # other families run exactly as before.
+
+    @property
+    def image_injection_layers(self) -> tuple[int, ...]:
+        """Decoder layers after whose output the family adds per-token image rows at the image
+        positions (:class:`ImageRows` ``injected[j]`` after layer ``[j]``). Base: none."""
+        return ()
+
+    def image_rows(self, batch: Batch, pixel_values: torch.Tensor) -> list[ImageRows]:
+        """:meth:`image_features` with each image's decoder injections, from one pass of the
+        model's vision path (VCD's noised image, VISTA's positive prompt). Base: no injections."""
+        return [ImageRows(f) for f in self.image_features(batch, pixel_values)]
+
+    def vision_candidate_injections(self, batch: Batch, output: Any) -> list[torch.Tensor] | None:
+        """Per image (flat over the batch), the decoder injections ``[S, M_i, D]`` of its
+        :meth:`vision_candidates` (same order, no prefix), read from the same
+        :attr:`vision_subset_source` ``output``: DAMRO's negative image keeps its outliers' rows.
+        Base: None (no injections)."""
+        return None
+
+    def language_model_injections(self, call_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The decoder injections ``[S, N, D]`` a call of :attr:`language_model` carries (its
+        keyword arguments, read by a forward pre-hook), rows in the order of the image positions
+        (``input_ids == image_token_id``, row-major over the batch): ICD keeps them for its
+        disturbed prompt. Base: None."""
+        return None
+
+    @contextlib.contextmanager
+    def injecting(self, ids: torch.Tensor, injected: torch.Tensor | None) -> Iterator[None]:
+        """Around one forward of a built prompt on ``inputs_embeds``: make the decoder add
+        ``injected`` ``[S, N, D]`` at the prompt's image positions (``ids`` [B, L] equal to the
+        image token id, row-major). ``injected`` None: nothing to do (the base's only case).
+
+        Raises:
+            MethodError: injections for a family that takes none.
+        """
+        if injected is not None:
+            raise MethodError(f"{self.family}: the decoder takes no image injections")
+        yield
+
+    @contextlib.contextmanager
+    def residual_additions(self) -> Iterator[Callable[[int], tuple[torch.Tensor, torch.Tensor] | None]]:
+        """What the family adds to decoder layer ``i``'s output before the next layer reads it, in
+        the latest forward run inside the block: yields ``added(i) -> (mask [B, L] bool,
+        rows [N, D]) | None`` (rows in mask order). The residual stream after layer ``i`` is the
+        layer's output plus these rows (VISTA steers that stream). Base: nothing, ever."""
+        yield lambda layer: None
 
     # ------------------------------------------------------------------ description
     def describe(self) -> dict[str, Any]:

@@ -109,6 +109,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor
 
+from ..adapters.base import ImageRows
 from ..attention import handler_rows
 from ..errors import MethodError
 from ..generation_calls import cache_argument, find_cache, output_cache
@@ -155,7 +156,11 @@ class NegativeInputs:
     temporal / height / width M-RoPE rows, the layout ``generate`` uses). ``input_ids`` holds the
     prompt's tokens with the image token id at every image position (for inspection: the
     embeddings are what the model receives). ``image_tokens[b][i]``: how many tokens stand for
-    image ``i`` of sample ``b``.
+    image ``i`` of sample ``b``. ``injected``: the decoder injections of the image positions
+    (``input_ids == image_token_id``, row-major), ``[S, N, D]``, for a family whose decoder adds
+    image rows inside the stack (Qwen3-VL's DeepStack; ``adapters/base.py``, "decoder
+    injections"); None for the others. A forward of these inputs runs inside
+    ``adapter.injecting(input_ids, injected)`` (:meth:`forward_context`).
     """
 
     inputs_embeds: torch.Tensor  # [B, L, D]
@@ -165,6 +170,7 @@ class NegativeInputs:
     image_tokens: list[list[int]] = field(default_factory=list)
     #: the batch the prompt was built from (for the adapter's :meth:`extra_inputs`)
     source: Any = None
+    injected: torch.Tensor | None = None  # [S, N, D]
 
     def extra_inputs(self, adapter: Any, ids: torch.Tensor | None = None,
                      mask: torch.Tensor | None = None) -> dict[str, Any]:
@@ -183,6 +189,11 @@ class NegativeInputs:
     def length(self) -> int:
         return int(self.inputs_embeds.shape[1])
 
+    def forward_context(self, adapter: Any) -> Any:
+        """The context one forward of these inputs runs in: the adapter adds :attr:`injected`
+        at the image positions (a no-op without injections)."""
+        return adapter.injecting(self.input_ids, self.injected)
+
 
 def _left_pad_start(mask_row: torch.Tensor) -> int:
     """Index of the first real token of a left-padded attention-mask row [L]."""
@@ -193,9 +204,9 @@ def _left_pad_start(mask_row: torch.Tensor) -> int:
     return start
 
 
-def features_per_sample(batch: Any, feats: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The flat per-image features of :func:`~.vcd.image_features` grouped by sample: ``out[b][i]``
-    is image ``i`` of sample ``b``, [n_i, D]."""
+def features_per_sample(batch: Any, feats: Sequence[Any]) -> list[list[Any]]:
+    """The flat per-image features of :func:`~.vcd.image_features` (or :class:`ImageRows`) grouped
+    by sample: ``out[b][i]`` is image ``i`` of sample ``b``, [n_i, D]."""
     out, flat = [], 0
     for sizes in batch.image_sizes:
         out.append([feats[flat + i] for i in range(len(sizes))])
@@ -206,12 +217,14 @@ def features_per_sample(batch: Any, feats: Sequence[torch.Tensor]) -> list[list[
 def splice_images(
     adapter: Any,
     batch: Any,
-    features: Sequence[Sequence[torch.Tensor]],
+    features: Sequence[Sequence[torch.Tensor | ImageRows]],
     grid_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> NegativeInputs:
     """The prompts of ``batch`` with each image's tokens replaced by ``features[b][i]`` [n_i, D]
     (any number of tokens; the rest of the image's tokens removed, later positions renumbered
-    contiguously), embedded and left-padded.
+    contiguously), embedded and left-padded. A feature given as :class:`ImageRows` (the
+    adapter's ``image_rows``) also carries its decoder injections into the result's ``injected``
+    (all images alike: with injections or without).
 
     An image whose tokens are one contiguous run (``batch.layouts``) has the run replaced; one
     whose tokens are split by text tokens (SmolVLM's tiles) is handled by
@@ -230,6 +243,7 @@ def splice_images(
     rows_ids: list[torch.Tensor] = []
     rows_emb: list[torch.Tensor] = []
     counts: list[list[int]] = []
+    injected: list[torch.Tensor | None] = []  # per image, in prompt order: [S, n_i, D] or None
     if len(features) != len(batch):
         raise MethodError(f"negative inputs: {len(features)} feature lists for a batch of {len(batch)}")
     for b in range(len(batch)):
@@ -241,7 +255,10 @@ def splice_images(
         pieces_ids: list[torch.Tensor] = []
         pieces_emb: list[torch.Tensor] = []
         row_counts: list[int] = []
-        for i, (layout, feats) in enumerate(zip(layouts, features[b])):
+        for i, (layout, image) in enumerate(zip(layouts, features[b])):
+            rows = image if isinstance(image, ImageRows) else ImageRows(image)
+            feats = rows.embeds
+            injected.append(rows.injected)
             pos = layout.positions.to(ids.device)
             feats = feats.to(device=device, dtype=dtype)  # [n, D]
             if pos.numel():
@@ -268,7 +285,22 @@ def splice_images(
         rows_ids.append(torch.cat(pieces_ids))
         rows_emb.append(torch.cat(pieces_emb, dim=0))
         counts.append(row_counts)
-    return left_padded(adapter, batch, rows_ids, rows_emb, counts, grid_shapes)
+    return left_padded(adapter, batch, rows_ids, rows_emb, counts, grid_shapes, injected=joined_injections(injected))
+
+
+def joined_injections(per_image: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The decoder injections of images in prompt order (each ``[S, n_i, D]``, or None for a
+    family without) as the rows of a whole prompt batch, ``[S, N, D]``; None when no image has any.
+
+    Raises:
+        MethodError: some images with injections and some without.
+    """
+    given = [x for x in per_image if x is not None]
+    if not given:
+        return None
+    if len(given) != len(per_image):
+        raise MethodError("negative inputs: some images carry decoder injections and some do not")
+    return torch.cat(given, dim=1)  # [S, N, D]
 
 
 def _splice_split_image(adapter: Any, batch: Any, b: int, i: int, pos: torch.Tensor, feats: torch.Tensor,
@@ -312,10 +344,13 @@ def left_padded(
     rows_emb: Sequence[torch.Tensor],
     image_tokens: list[list[int]],
     grid_shapes: Sequence[Sequence[tuple[int, int]]] | None = None,
+    *,
+    injected: torch.Tensor | None = None,
 ) -> NegativeInputs:
     """:class:`NegativeInputs` from unpadded rows a method built from ``batch``: token ids ``[n_b]``
     (the image token id at image positions) and embeddings ``[n_b, D]``, left-padded with the pad
-    token's embedding; positions from ``adapter.prompt_positions``."""
+    token's embedding; positions from ``adapter.prompt_positions``. ``injected`` [S, N, D]: the
+    decoder injections of the image positions, row-major (see :class:`NegativeInputs`)."""
     ids = batch.input_ids
     embed = adapter.language_model.get_input_embeddings()
     device = embed.weight.device
@@ -332,7 +367,10 @@ def left_padded(
         out_mask[b, length - n:] = 1
         out_emb[b, length - n:] = row_emb
     positions = adapter.prompt_positions(batch, out_ids, out_mask, image_tokens, grid_shapes)  # [B, L] / [4, B, L]
-    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, image_tokens, batch)
+    if injected is not None:
+        injected = injected.to(device=device, dtype=out_emb.dtype)
+    return NegativeInputs(out_emb, out_mask.to(device), positions.to(device), out_ids, image_tokens, source=batch,
+                          injected=injected)
 
 
 # ---------------------------------------------------------------------- the negative branch
@@ -466,10 +504,11 @@ class NegativeBranch:
     # ------------------------------------------------------------------ forwards
     def _forward(self, cache: Any, *, mask: torch.Tensor, positions: torch.Tensor,
                  embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                 extra: dict[str, Any] | None = None) -> torch.Tensor:
-        """One forward of the negative rows alone on ``cache``, attention handlers bypassed;
-        last-position logits [B, V] float32. ``extra``: further model inputs of the prompt (the
-        prefill's :meth:`NegativeInputs.extra_inputs`)."""
+                 extra: dict[str, Any] | None = None, context: Any = None) -> torch.Tensor:
+        """One forward of the negative rows alone on ``cache``, attention handlers bypassed, inside
+        ``context`` (the prompt's decoder injections at the prefill); last-position logits [B, V]
+        float32. ``extra``: further model inputs of the prompt (the prefill's
+        :meth:`NegativeInputs.extra_inputs`)."""
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": positions, self._cache_arg: cache,
                                   "use_cache": True, "return_dict": True, **(extra or {})}
         if embeds is not None:
@@ -480,8 +519,8 @@ class NegativeBranch:
             kwargs["logits_to_keep"] = 1
         self._inside = True
         try:
-            with handler_rows(self._layers, 0):  # plain attention: the negative is a reference
-                out = self.module(**kwargs)
+            with handler_rows(self._layers, 0), context or contextlib.nullcontext():
+                out = self.module(**kwargs)  # plain attention: the negative is a reference
         finally:
             self._inside = False
         self.steps += 1
@@ -498,7 +537,8 @@ class NegativeBranch:
         self._rows = rows
         cache = DynamicCache(config=self.module.config)
         self.logits = self._forward(cache, mask=inputs.attention_mask, positions=inputs.position_ids,
-                                    embeds=inputs.inputs_embeds, extra=inputs.extra_inputs(self.adapter))
+                                    embeds=inputs.inputs_embeds, extra=inputs.extra_inputs(self.adapter),
+                                    context=inputs.forward_context(self.adapter))
         self._mask = inputs.attention_mask
         self._next_positions = inputs.position_ids[..., -1:] + 1  # [B, 1] or [4, B, 1]
         return cache

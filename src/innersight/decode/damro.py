@@ -48,6 +48,10 @@ that sees **only** those outlier tokens and contrasts it away:
      ``pool_vision_scores``, so Qwen2.5-VL's window order is handled); the ``k`` merged tokens with
      the highest scores form the negative image, placed on a ``1 x k`` grid (M-RoPE positions from
      ``adapter.prompt_positions``). Any family without a [CLS] gets the same substitute.
+   - Qwen3-VL: as Qwen2-VL (no [CLS], full attention in every block: the last block scores), and
+     each outlier keeps its DeepStack rows (the decoder adds them at its position after the first
+     decoder layers; the adapter's decoder injections), so the negative image is the outliers as
+     the model itself would see them.
    - SmolVLM (SigLIP, no [CLS]; the same extension): the substitute on each image's global frame
      (its last frame, after the tiles), averaged over the ``s x s`` patches each pixel-shuffled
      token holds; the negative image is ``k`` connector tokens written as the processor writes
@@ -74,6 +78,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.base import ImageRows
 from ..errors import MethodError
 from ..hooks import HookHandles
 from .contrast import (
@@ -276,7 +281,10 @@ class OutlierCapture:
     After the prefill: ``scores[i]`` [M_i] (image ``i`` flat over the batch, per candidate:
     patches, base-view patches for LLaVA-NeXT, merged tokens for Qwen), ``selected[i]`` [k]
     (indices into the candidates, descending score), ``tokens[i]`` [k, Dc] (the selected
-    candidates as the model encoded them; :meth:`negative_inputs` re-encodes them).
+    candidates as the model encoded them; :meth:`negative_inputs` re-encodes them), and
+    ``injected[i]`` [S, k, D] where the family's decoder adds image rows inside the stack (Qwen3-VL's
+    DeepStack: the outliers' own rows, same indices; the adapter's ``vision_candidate_injections``),
+    else empty.
     """
 
     def __init__(self, mllm: Any, batch: Any, *, k: int, reduction: str, layer: int | None = None,
@@ -295,6 +303,7 @@ class OutlierCapture:
         self.scores: list[torch.Tensor] = []
         self.selected: list[torch.Tensor] = []
         self.tokens: list[torch.Tensor] = []
+        self.injected: list[torch.Tensor] = []
         self._handles = HookHandles()
 
     # ------------------------------------------------------------------ context
@@ -339,6 +348,10 @@ class OutlierCapture:
             raise MethodError(f"damro: {len(candidates)} images of candidate tokens but the batch has {self.num_images}")
         # official shift: indices count from the sequence start ([CLS] at 0), as the reference did
         self.tokens = [c[sel.to(c.device)].detach() for c, sel in zip(candidates, self.selected)]  # N x [k, Dc]
+        with torch.no_grad():
+            rows = self.adapter.vision_candidate_injections(self.batch, output)  # N x [S, M_i, D] or None
+        self.injected = [] if rows is None else [r[:, sel.to(r.device)].detach()  # N x [S, k, D]
+                                                 for r, sel in zip(rows, self.selected)]
 
     # ------------------------------------------------------------------ the negative prompt
     def negative_inputs(self) -> NegativeInputs:
@@ -351,8 +364,13 @@ class OutlierCapture:
                               "(was the vision tower run inside the processor's context?)")
         with torch.no_grad():
             feats = self.adapter.encode_vision_subset(self.batch, self.tokens)
+        grids = [[(1, n) for n in row] for row in features_per_sample(self.batch, [int(f.shape[0]) for f in feats])]
+        if self.injected:  # each outlier keeps its decoder injections (Qwen3-VL's DeepStack rows)
+            if any(f.shape[0] != r.shape[1] for f, r in zip(feats, self.injected)):
+                raise MethodError(f"damro: {self.family} re-encodes the outlier tokens into another number of "
+                                  "tokens, so their decoder injections cannot follow them")
+            feats = [ImageRows(f, r) for f, r in zip(feats, self.injected)]
         per_sample = features_per_sample(self.batch, feats)
-        grids = [[(1, int(f.shape[0])) for f in row] for row in per_sample]
         return splice_images(self.adapter, self.batch, per_sample, grid_shapes=grids)
 
 

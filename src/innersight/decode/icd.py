@@ -14,7 +14,10 @@ Where the disturbance goes: right before the instruction, i.e. after each sample
 token and the special / whitespace tokens that close it (Qwen's ``<|vision_end|>``, LLaVA's
 newline); a sample without images gets it before its first non-special token. The prefix is
 tokenised alone (no special tokens). The image tokens of the disturbed prompt are the main
-prompt's own input embeddings, captured at the main prefill (the vision tower runs once).
+prompt's own input embeddings, captured at the main prefill (the vision tower runs once), with
+the decoder injections that prefill carried where a family has them (Qwen3-VL's DeepStack rows,
+``adapter.language_model_injections``; the disturbance adds no image token, so they keep their
+order).
 InstructBLIP's Q-Former also reads the instruction in the paper's setting; here only the language
 model's instruction is disturbed (the Q-Former tokens are the main branch's).
 
@@ -98,12 +101,14 @@ def insertion_points(adapter: Any, batch: Any) -> list[int]:
 
 class PromptEmbeddings:
     """Captures the main prefill's input embeddings [B, L0, D] at the language model (the image
-    features already spliced in by the model); later forwards are ignored."""
+    features already spliced in by the model) and its decoder injections ``injected`` [S, N, D]
+    (None for a family without); later forwards are ignored."""
 
     def __init__(self, adapter: Any, length: int) -> None:
         self.adapter = adapter
         self.length = length
         self.embeds: torch.Tensor | None = None
+        self.injected: torch.Tensor | None = None
         self._handles = HookHandles()
 
     def __enter__(self) -> PromptEmbeddings:
@@ -119,11 +124,15 @@ class PromptEmbeddings:
         embeds = kwargs.get("inputs_embeds")
         if self.embeds is None and isinstance(embeds, torch.Tensor) and embeds.shape[1] == self.length:
             self.embeds = embeds.detach()  # [B, L0, D]
+            injected = self.adapter.language_model_injections(kwargs)  # [S, N, D] or None
+            self.injected = None if injected is None else injected.detach()
 
 
-def disturbed_inputs(adapter: Any, batch: Any, embeds: torch.Tensor, disturbance: str) -> NegativeInputs:
+def disturbed_inputs(adapter: Any, batch: Any, embeds: torch.Tensor, disturbance: str,
+                     injected: torch.Tensor | None = None) -> NegativeInputs:
     """The prompts of ``batch`` with ``disturbance`` inserted before the instruction, embedded from
-    the main prompt's embeddings ``embeds`` [B, L0, D], left-padded."""
+    the main prompt's embeddings ``embeds`` [B, L0, D], left-padded; ``injected`` [S, N, D] the
+    main prompt's decoder injections (kept: no image token moves out of order)."""
     ids = batch.input_ids  # [B, L0]
     mask = batch.inputs.get("attention_mask")
     if mask is None:
@@ -139,7 +148,7 @@ def disturbed_inputs(adapter: Any, batch: Any, embeds: torch.Tensor, disturbance
         rows_ids.append(torch.cat([ids[b, start:at], extra, ids[b, at:]]))
         rows_emb.append(torch.cat([embeds[b, start:at].to(device), extra_emb, embeds[b, at:].to(device)], dim=0))
     counts = [[lay.num_tokens for lay in layouts] for layouts in batch.layouts]
-    return left_padded(adapter, batch, rows_ids, rows_emb, counts)
+    return left_padded(adapter, batch, rows_ids, rows_emb, counts, injected=injected)
 
 
 class ICD:
@@ -158,7 +167,7 @@ class ICD:
         def build() -> NegativeInputs:
             if capture.embeds is None:
                 raise MethodError("icd: the main prompt's embeddings were not captured at the prefill")
-            return disturbed_inputs(adapter, batch, capture.embeds, c.disturbance)
+            return disturbed_inputs(adapter, batch, capture.embeds, c.disturbance, capture.injected)
 
         branch = NegativeBranch(adapter, build, mode=c.branch)
         return [ContrastiveProcessor(branch, alpha=c.alpha, beta=c.beta, contexts=[capture], name="icd")]

@@ -17,8 +17,10 @@ Determinism: the noise of every image is drawn on the CPU from a ``torch.Generat
 :attr:`VCDConfig.seed` (the same noise field for every image of a given shape), so a sample's
 negative image does not depend on the device, on the global RNG, or on the other samples of its
 batch. The noised image goes through the model's own vision path (``get_image_features``) and is
-spliced into the embedded prompt (:func:`~.contrast.splice_images`); the negative branch runs
-batched with the main branch by default (:class:`~.contrast.NegativeBranch`).
+spliced into the embedded prompt (:func:`~.contrast.splice_images`), with the decoder injections
+that the same pass computes where a family has them (Qwen3-VL's DeepStack rows of the noised
+image: the adapter's ``image_rows``); the negative branch runs batched with the main branch by
+default (:class:`~.contrast.NegativeBranch`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.base import ImageRows
 from ..errors import MethodError
 from .contrast import (
     BRANCH_MODES,
@@ -106,17 +109,24 @@ def image_features(mllm: Any, batch: Any, pixel_values: torch.Tensor) -> list[to
     return mllm.adapter.image_features(batch, pixel_values)
 
 
+def image_rows(mllm: Any, batch: Any, pixel_values: torch.Tensor) -> list[ImageRows]:
+    """:func:`image_features` with each image's decoder injections from the same pass (the
+    adapter's :meth:`~innersight.adapters.base.Adapter.image_rows`): what a prompt built from
+    these pixels must carry to be the prompt the model would see."""
+    return mllm.adapter.image_rows(batch, pixel_values)
+
+
 def negative_inputs(mllm: Any, batch: Any, config: VCDConfig) -> NegativeInputs:
     """The same prompts with every image noised (:func:`noised_pixel_values`)."""
     adapter = mllm.adapter
     with torch.no_grad():
         pixels = noised_pixel_values(adapter, batch, config.noise_step, config.seed)
-        feats = image_features(mllm, batch, pixels)
+        feats = image_rows(mllm, batch, pixels)
     per_sample = features_per_sample(batch, feats)
     for layouts, row in zip(batch.layouts, per_sample):
         for layout, f in zip(layouts, row):
-            if f.shape[0] != layout.num_tokens:
-                raise MethodError(f"vcd: a noised image gave {f.shape[0]} tokens, the prompt holds {layout.num_tokens}")
+            if f.num_tokens != layout.num_tokens:
+                raise MethodError(f"vcd: a noised image gave {f.num_tokens} tokens, the prompt holds {layout.num_tokens}")
     return splice_images(adapter, batch, per_sample)
 
 

@@ -15,6 +15,17 @@ keeping its norm, as in the reference's in-context-vector layer::
     s  = 1 + max(0, cos(h, -u))                       # stronger where h points away from u
     h' = |h| * normalize(normalize(h) + lambda * s * u)
 
+Where the steering applies: on the residual stream the next block reads. For most families that
+is the block's output; a family whose decoder adds image rows to the image positions after some
+blocks (Qwen3-VL's DeepStack: ``h_next = out_l + ds_l`` there; the adapter's decoder injections)
+has its stream steered *after* that addition, ``h_next = steer(out_l + ds_l)``: the hook on block
+``l`` returns ``steer(out_l + ds_l) - ds_l`` at those positions (the rows of the running forward,
+from ``adapter.residual_additions``), so that the model's own addition completes it. Steering
+``out_l`` alone would give ``steer(out_l) + ds_l``, which is neither norm-preserving nor the
+formula on the stream. Text positions (where the vectors are read) are untouched by the injection.
+The positive prompt of the vectors carries the image's injections too (``adapter.image_rows``),
+so it is the model's own prefill.
+
 Self-logits augmentation (SLA, Sec. 4.2). The early-exit logits of a window of late layers
 (``hidden_states`` indices ``sla_start .. sla_end - 1``, read at the last position only by
 :class:`~.early_exit.EarlyExit`) are averaged and mixed into the final logits::
@@ -30,6 +41,7 @@ steering hooks and the early-exit hooks are removed on exit, also after an excep
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -41,10 +53,10 @@ from transformers import LogitsProcessor
 from ..attention import handler_rows
 from ..errors import MethodError
 from ..hooks import HookHandles
-from .contrast import NegativeInputs, check_generation, features_per_sample, splice_images
+from .contrast import NegativeInputs, check_generation, features_per_sample, joined_injections, splice_images
 from .early_exit import EarlyExit
 from .image_free import image_free_inputs, require_images
-from .vcd import image_features
+from .vcd import image_rows
 
 SOURCE = "arXiv 2502.03628 (VISTA, ICML 2025)"
 SCRIPTS = "LzVv123456/VISTA run scripts (LLaVA-1.5): --vsv-lambda 0.17 --logits-layers 25,30 --logits-alpha 0.3"
@@ -112,13 +124,15 @@ def _stack(a: NegativeInputs, b: NegativeInputs) -> NegativeInputs:
         n = length - inputs.length
         return NegativeInputs(pad(inputs.inputs_embeds, n, 1), pad(inputs.attention_mask, n, 1),
                               pad(inputs.position_ids, n, -1), pad(inputs.input_ids, n, 1), inputs.image_tokens,
-                              inputs.source)
+                              inputs.source, inputs.injected)
 
     a, b = grow(a), grow(b)
     dim = 1 if a.position_ids.dim() == 3 else 0
+    # decoder injections follow the image positions row-major: a's rows come before b's
+    injected = joined_injections([x for x in (a.injected, b.injected) if x is not None])
     return NegativeInputs(torch.cat([a.inputs_embeds, b.inputs_embeds]), torch.cat([a.attention_mask, b.attention_mask]),
                           torch.cat([a.position_ids, b.position_ids], dim=dim), torch.cat([a.input_ids, b.input_ids]),
-                          a.image_tokens + b.image_tokens, a.source)
+                          a.image_tokens + b.image_tokens, a.source, injected)
 
 
 def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
@@ -126,11 +140,11 @@ def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
     float32, from one forward of the positive and image-free prompts stacked as ``2B`` rows."""
     adapter = mllm.adapter
     with torch.no_grad():
-        per_sample = features_per_sample(batch, image_features(mllm, batch, batch.inputs["pixel_values"]))
+        per_sample = features_per_sample(batch, image_rows(mllm, batch, batch.inputs["pixel_values"]))
         both = _stack(splice_images(adapter, batch, per_sample), image_free_inputs(adapter, batch))
         capture = EarlyExit(adapter, range(1, adapter.num_layers + 1))
         # an attention method of the same call (e.g. VAR) acts on the answer's forwards, not on this one
-        with capture, handler_rows(adapter.decoder_layers, 0):
+        with capture, handler_rows(adapter.decoder_layers, 0), both.forward_context(adapter):
             adapter.generation_module(inputs_embeds=both.inputs_embeds, attention_mask=both.attention_mask,
                                       position_ids=both.position_ids, use_cache=False, **both.extra_inputs(adapter))
             hidden = capture.hidden().float()  # [2B, N, D]
@@ -139,21 +153,49 @@ def steering_vectors(mllm: Any, batch: Any) -> torch.Tensor:
 
 
 class Steering:
-    """Forward hooks adding the VSV to every block's output for one generate call."""
+    """Forward hooks steering the residual stream after every block by the VSV for one generate
+    call (the block's output, plus what the family adds to it before the next block reads it:
+    see the module doc)."""
 
     def __init__(self, adapter: Any, vectors: torch.Tensor, lam: float) -> None:
         self.adapter, self.vectors, self.lam = adapter, vectors, float(lam)  # vectors [B, N, D]
         self._handles = HookHandles()
+        self._additions = contextlib.ExitStack()
+        self._added: Any = None
 
     def __enter__(self) -> Steering:
-        with self._handles.installing():
-            for i, block in enumerate(self.adapter.decoder_layers):
-                self._handles.add(block.register_forward_hook(self._hook(i)))
+        try:
+            self._added = self._additions.enter_context(self.adapter.residual_additions())
+            with self._handles.installing():
+                for i, block in enumerate(self.adapter.decoder_layers):
+                    self._handles.add(block.register_forward_hook(self._hook(i)))
+        except BaseException:
+            self._additions.close()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._handles.remove()
+        try:
+            self._handles.remove()
+        finally:
+            self._additions.close()
+            self._added = None
+
+    def _steer_stream(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s output ``hidden`` [B, L, D] such that the stream the next block reads
+        is ``steer(hidden + added)`` (``added`` the family's rows at their positions, if any)."""
+        vector = self.vectors[:, index].to(hidden.device)  # [B, D]
+        added = self._added(index) if self._added is not None else None
+        if added is None:
+            return steer(hidden, vector, self.lam)
+        mask, rows = added  # [B, L] bool, [N, D]
+        mask, rows = mask.to(hidden.device), rows.to(device=hidden.device, dtype=hidden.dtype)
+        stream = hidden.clone()
+        stream[mask] = stream[mask] + rows  # [B, L, D]: what the next block would read unsteered
+        steered = steer(stream, vector, self.lam)
+        steered[mask] = steered[mask] - rows  # the model adds them back after this hook
+        return steered
 
     def _hook(self, index: int) -> Any:
         def hook(module: Any, args: tuple[Any, ...], output: Any) -> Any:
@@ -161,7 +203,7 @@ class Steering:
             if hidden.shape[0] != self.vectors.shape[0]:
                 raise MethodError(f"vista: the model ran {hidden.shape[0]} rows but the vectors are for "
                                   f"{self.vectors.shape[0]}")
-            steered = steer(hidden, self.vectors[:, index].to(hidden.device), self.lam)
+            steered = self._steer_stream(index, hidden)
             if isinstance(output, tuple):
                 return (steered, *output[1:])
             if isinstance(output, list):

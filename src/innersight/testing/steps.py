@@ -30,14 +30,15 @@ def spy_steps(mllm: Any, batch: Any, proc: Any, *, max_new_tokens: int = 4, keep
 
 def uncached_negative(mllm: Any, neg: Any, input_ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """Last-position logits [B, V] of the negative prompt ``neg`` followed by the tokens generated
-    so far (``input_ids[:, prompt:]``), one forward with no cache."""
+    so far (``input_ids[:, prompt:]``), one forward with no cache (carrying the prompt's decoder
+    injections where the family has them: Qwen3-VL's DeepStack)."""
     module = mllm.adapter.generation_module
     embed = mllm.adapter.language_model.get_input_embeddings()
     new = input_ids[:, prompt:]
     step = torch.arange(1, new.shape[1] + 1, device=neg.position_ids.device)
     ids = torch.cat([neg.input_ids, new.to(neg.input_ids.device)], 1)  # [B, Ln + t]
     mask = torch.cat([neg.attention_mask, neg.attention_mask.new_ones(new.shape)], 1)  # [B, Ln + t]
-    with torch.no_grad():
+    with torch.no_grad(), mllm.adapter.injecting(ids, neg.injected):
         return module(inputs_embeds=torch.cat([neg.inputs_embeds, embed(new)], 1), attention_mask=mask,
                       position_ids=torch.cat([neg.position_ids, neg.position_ids[..., -1:] + step], -1),
                       use_cache=False, **neg.extra_inputs(mllm.adapter, ids, mask)).logits[:, -1].float()
