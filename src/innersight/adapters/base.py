@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import MethodError, UserInputError
 from .geometry import GridView
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -170,10 +173,33 @@ class Adapter(ABC):
 
     @classmethod
     def load_processor(cls, path: str, **kwargs: Any) -> Any:
-        """Load the processor saved beside the model (offline-safe; no torchvision needed)."""
+        """Load the processor saved beside the model (offline-safe; no torchvision needed):
+        ``AutoProcessor`` when it works; otherwise the processor a family rebuilds from the
+        checkpoint's parts (:meth:`rebuild_processor`; e.g. a stock processor that also builds a video
+        processor, which needs torchvision); a family with no rebuild re-raises ``AutoProcessor``'s error."""
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, **kwargs)
+        try:
+            return AutoProcessor.from_pretrained(path, **kwargs)
+        except Exception as exc:  # ImportError, AttributeError, ValueError... depending on the version
+            if not cls.rebuilds_processor():
+                raise
+            log.info("AutoProcessor failed for %s (%s); rebuilding an image + text processor", path, exc)
+            try:
+                return cls.rebuild_processor(path, **kwargs)
+            except Exception as rebuild_exc:
+                raise rebuild_exc from exc
+
+    @classmethod
+    def rebuild_processor(cls, path: str, **kwargs: Any) -> Any:
+        """The image + text processor built from a checkpoint's parts where ``AutoProcessor``
+        cannot build the stock one here. The base has none (:meth:`rebuilds_processor` is False)."""
+        raise NotImplementedError(f"{cls.__name__} does not rebuild its processor")
+
+    @classmethod
+    def rebuilds_processor(cls) -> bool:
+        """Whether this family overrides :meth:`rebuild_processor`."""
+        return cls.rebuild_processor.__func__ is not Adapter.rebuild_processor.__func__
 
     # ------------------------------------------------------------------ facet support (class-level)
     @classmethod

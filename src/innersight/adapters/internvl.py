@@ -42,7 +42,6 @@ is ``past_key_values`` on 5.17 and ``cache`` on 5.25 (``generation_calls`` handl
 from __future__ import annotations
 
 import functools
-import logging
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MethodError, UnsupportedModelError
@@ -52,7 +51,6 @@ from .geometry import GridView, row_major_index
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<IMG_CONTEXT>\n"
 
@@ -144,21 +142,6 @@ class InternVLAdapter(Adapter):
                 "pixel shuffle cannot fold into its square grid; only 'default' checkpoints run")
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def load_processor(cls, path: str, **kwargs: Any) -> Any:
-        """``AutoProcessor`` when it works; otherwise (no torchvision: the stock processor needs a
-        video processor) the processor rebuilt from its parts by :meth:`rebuild_processor`."""
-        from transformers import AutoProcessor
-
-        try:
-            return AutoProcessor.from_pretrained(path, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - ImportError, ValueError, ... depending on the version
-            log.info("AutoProcessor failed for %s (%s); rebuilding an image + text processor", path, exc)
-            try:
-                return cls.rebuild_processor(path, **kwargs)
-            except Exception as rebuild_exc:
-                raise rebuild_exc from exc
-
     @classmethod
     def rebuild_processor(cls, path: str, **kwargs: Any) -> Any:
         """The processor built from a checkpoint's parts, without torchvision: the image processor

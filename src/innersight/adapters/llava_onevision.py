@@ -44,7 +44,6 @@ not touch. Both versions' ``LlavaOnevisionProcessor`` demand a video processor (
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,8 +53,6 @@ from ..errors import UnsupportedModelError
 from .base import NO_VISION_CLS, Batch
 from .geometry import Box, GridView, processed_region, row_major_index
 from .llava_next import AnyresLayout, LlavaNextAdapter, _field
-
-log = logging.getLogger(__name__)
 
 #: the official LLaVA-OneVision conversation format (``conv_templates["qwen_1_5"]`` of the
 #: LLaVA-NeXT reference code: default system turn, one user turn, generation prompt)
@@ -203,21 +200,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             )
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def load_processor(cls, path: str, **kwargs: Any) -> Any:
-        """``AutoProcessor`` when it works; otherwise (no torchvision: the stock processor needs a
-        video processor) the processor rebuilt from its parts by :meth:`rebuild_processor`."""
-        from transformers import AutoProcessor
-
-        try:
-            return AutoProcessor.from_pretrained(path, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - ImportError, AttributeError, TypeError depending on the version
-            log.info("AutoProcessor failed for %s (%s); rebuilding an image + text processor", path, exc)
-            try:
-                return cls.rebuild_processor(path, **kwargs)
-            except Exception as rebuild_exc:
-                raise rebuild_exc from exc
-
     @classmethod
     def rebuild_processor(cls, path: str, **kwargs: Any) -> Any:
         """The processor built from a checkpoint's parts without torchvision: the image processor

@@ -29,7 +29,6 @@ images are given (it raises otherwise); :meth:`Adapter.prepare` keeps every proc
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -39,7 +38,6 @@ from .geometry import GridView, row_major_index
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -110,21 +108,6 @@ class Qwen2VLAdapter(Adapter):
     processor_class_name: ClassVar[str] = "Qwen2VLProcessor"
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def load_processor(cls, path: str, **kwargs: Any) -> Any:
-        """``AutoProcessor`` when it works; otherwise (no torchvision: the stock processor needs a
-        video processor) the processor rebuilt from its parts by :meth:`rebuild_processor`."""
-        from transformers import AutoProcessor
-
-        try:
-            return AutoProcessor.from_pretrained(path, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - ImportError, AttributeError, ... depending on the version
-            log.info("AutoProcessor failed for %s (%s); rebuilding an image + text processor", path, exc)
-            try:
-                return cls.rebuild_processor(path, **kwargs)
-            except Exception as rebuild_exc:
-                raise rebuild_exc from exc
-
     @classmethod
     def rebuild_processor(cls, path: str, **kwargs: Any) -> Any:
         """The processor built from a checkpoint's parts, without torchvision.

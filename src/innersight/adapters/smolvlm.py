@@ -64,7 +64,6 @@ frame order, both are the image tokens in prompt order.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -76,7 +75,6 @@ from .geometry import Box, GridView, row_major_index
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-log = logging.getLogger(__name__)
 
 #: the image processor's absolute cap on either side after the first resize (``MAX_IMAGE_SIZE``)
 MAX_IMAGE_SIDE = 4096
@@ -223,21 +221,6 @@ class SmolVLMAdapter(Adapter):
     reference_template = SMOLVLM_REFERENCE_TEMPLATE
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def load_processor(cls, path: str, **kwargs: Any) -> Any:
-        """``AutoProcessor`` when it works; otherwise (no torchvision or no num2words) the image +
-        text processor rebuilt from the checkpoint's parts by :meth:`rebuild_processor`."""
-        from transformers import AutoProcessor
-
-        try:
-            return AutoProcessor.from_pretrained(path, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - ImportError, AttributeError, ... depending on the version
-            log.info("AutoProcessor failed for %s (%s); rebuilding an image + text processor", path, exc)
-            try:
-                return cls.rebuild_processor(path, **kwargs)
-            except Exception as rebuild_exc:
-                raise rebuild_exc from exc
-
     @classmethod
     def rebuild_processor(cls, path: str, **kwargs: Any) -> Any:
         """The processor built from a checkpoint's parts without torchvision or num2words: the image
