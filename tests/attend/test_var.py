@@ -168,10 +168,12 @@ def test_batch_equals_unbatched(var_mllm, plant, family):
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "instructblip", "gemma3"])
 def test_decoding_with_cache_equals_full_forwards(var_mllm, plant, family):
     """Every generated row is redistributed with the prefill's sinks (generated tokens are never
-    sinks): cached greedy decoding equals full forwards of the grown sequence without a cache."""
+    sinks): cached greedy decoding equals full forwards of the grown sequence without a cache.
+    Gemma 3's tiny model has sliding-window layers (window 20) shorter than its prompts: at a
+    decoding step the cache hands over only the window's keys, so key column j is not position j."""
     mllm = var_mllm(family)
     batch = mllm.prepare(IMAGES, QUESTIONS)
     config = VARConfig(sink_dims=plant.dims, tau=plant.tau, rho=0.3)

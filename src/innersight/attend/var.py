@@ -22,7 +22,8 @@ layer, a handler sits on every modifiable layer; for a sample without a visual s
 it changes nothing. Only the rows VAR can change get explicit probabilities (fp32, K/V expanded
 per query head for grouped-query attention); all other rows, and every head that does not
 qualify, keep transformers' SDPA output. Positions assume a dynamic KV cache (``generate``'s
-default): query row ``i`` of a forward with ``Lq`` queries and ``Lk`` keys sits at ``Lk - Lq + i``.
+default): query row ``i`` of a forward with ``Lq`` queries and ``Lk`` keys sits at ``Lk - Lq + i``
+(plus :func:`innersight.attention.key_start`'s offset where a sliding-window cache dropped keys).
 
 With a contrastive negative branch (DAMRO, VCD) in the same ``generate`` call, VAR acts on the
 main rows only and the negative rows run plain attention. The negative branch is a reference (what
@@ -61,7 +62,14 @@ from typing import Any
 
 import torch
 
-from ..attention import handler_row_limit, layer_handlers, repeat_kv, row_probabilities, sdpa_forward
+from ..attention import (
+    handler_row_limit,
+    key_start,
+    layer_handlers,
+    repeat_kv,
+    row_probabilities,
+    sdpa_forward,
+)
 from ..errors import MethodError
 from .sinks import FIRST_SINK_LAYER, DetectionConfig, SinkDetection, layer_inputs, sink_dims_for, sink_mask
 
@@ -264,15 +272,17 @@ class VARRun:
             self._device_masks[device] = (self.valid.to(device), self.image.to(device), self._last.to(device))
         return self._device_masks[device]
 
-    def _keys(self, mask: torch.Tensor, rows: int, length: int) -> torch.Tensor:
-        """A [B0, L0] prompt mask as [rows, length] keys: repeated per expanded row (beam search,
-        several sequences per prompt), False for generated positions."""
+    def _keys(self, mask: torch.Tensor, rows: int, length: int, start: int = 0) -> torch.Tensor:
+        """A [B0, L0] prompt mask as [rows, length] keys for positions ``start .. start + length``
+        (``start`` > 0 where a sliding-window cache dropped the earliest keys): repeated per expanded
+        row (beam search, several sequences per prompt), False for generated positions."""
         repeats = self._repeats(rows)
         if repeats > 1:
             mask = mask.repeat_interleave(repeats, dim=0)
-        if length > mask.shape[1]:
-            mask = torch.cat([mask, mask.new_zeros(rows, length - mask.shape[1])], dim=1)
-        return mask[:, :length]
+        end = start + length
+        if end > mask.shape[1]:
+            mask = torch.cat([mask, mask.new_zeros(rows, end - mask.shape[1])], dim=1)
+        return mask[:, start:end]
 
     def observe(self, layer: int, hidden: torch.Tensor) -> None:
         """Forward pre-hook: sink mask of the hidden state entering ``layer`` [B, L, D] at prefill.
@@ -291,8 +301,9 @@ class VARRun:
         valid = self._keys(self._prompt_masks(hidden.device)[0], hidden.shape[0], self.prompt_length)
         self.pending[layer] = sink_mask(hidden, self.dims, self.config.tau, valid)  # [B, L0]
 
-    def _sinks(self, layer: int, rows: int, lq: int, lk: int, device: torch.device) -> torch.Tensor:
-        """The sink key mask of this forward at ``layer``: [rows, lk] bool."""
+    def _sinks(self, layer: int, rows: int, lq: int, lk: int, device: torch.device, start: int = 0) -> torch.Tensor:
+        """The sink key mask of this forward at ``layer``: [rows, lk] bool, key column 0 at
+        sequence position ``start``."""
         if lq == lk:  # a prefill (no cached keys)
             if lk != self.prompt_length or layer not in self.pending:
                 raise MethodError(f"var: a prompt of {lk} tokens reached layer {layer}, but VAR was activated "
@@ -301,33 +312,39 @@ class VARRun:
         elif layer not in self.sinks:
             raise MethodError("var: a decoding step ran before any prefill inside the VAR context")
         self.pending.pop(layer, None)
-        return self._keys(self.sinks[layer].to(device), rows, lk)
+        return self._keys(self.sinks[layer].to(device), rows, lk, start)
 
     # ------------------------------------------------------------------ the handler
     def handler(self, layer: int) -> Any:
         def attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any):
             out, weights = sdpa_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-            return self._redistribute(layer, out, query, key, value, attention_mask, scaling), weights
+            offset = key_start(module, query.shape[2], key.shape[2])
+            return self._redistribute(layer, out, query, key, value, attention_mask, scaling, offset), weights
 
         return attend
 
     def _redistribute(self, layer: int, out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+                      value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                      offset: int = 0) -> torch.Tensor:
         """``out`` [B, Lq, H, D] with the rows and heads VAR changes recomputed from redistributed
-        probabilities; everything else is SDPA's output untouched."""
+        probabilities; everything else is SDPA's output untouched. ``offset``: the sequence position
+        of key column 0 (:func:`innersight.attention.key_start`; > 0 only where a sliding-window
+        cache handed over the last window of keys)."""
         rows, heads, lq, _ = query.shape
         lk = key.shape[2]
         device = query.device
-        sinks = self._sinks(layer, rows, lq, lk, device)  # [B, Lk]
+        sinks = self._sinks(layer, rows, lq, lk, device, offset)  # [B, Lk]
         _, image0, last0 = self._prompt_masks(device)
-        image = self._keys(image0, rows, lk)  # [B, Lk]
-        # a dynamic cache holds the lk - lq earlier tokens: query row i sits at position lk - lq + i;
-        # the first row any sample may change is the one after the earliest last image token
-        start = max(0, min(self.last_image) + 1 - (lk - lq))
+        image = self._keys(image0, rows, lk, offset)  # [B, Lk]
+        # the cache holds the keys of positions offset .. offset + lk - lq - 1 before this forward's:
+        # query row i sits at position offset + lk - lq + i; the first row any sample may change is
+        # the one after the earliest last image token
+        first_query = offset + lk - lq
+        start = max(0, min(self.last_image) + 1 - first_query)
         if start >= lq:
             return out
-        position = torch.arange(lk - lq + start, lk, device=device)  # [R]
+        position = torch.arange(first_query + start, first_query + lq, device=device)  # [R]
         last = last0.repeat_interleave(self._repeats(rows)) if rows != self.batch_size else last0  # [B]
         has_visual_sink = (sinks & image).any(dim=1)  # [B]
         eligible = (position[None, :] > last[:, None]) & has_visual_sink[:, None]  # [B, R]
