@@ -182,24 +182,20 @@ class Adapter(ABC):
         try:
             return AutoProcessor.from_pretrained(path, **kwargs)
         except Exception as exc:  # ImportError, AttributeError, ValueError... depending on the version
-            if not cls.rebuilds_processor():
-                raise
-            log.info("AutoProcessor failed for %s (%s); rebuilding an image + text processor", path, exc)
+            log.info("AutoProcessor failed for %s (%s); trying the family's image + text rebuild", path, exc)
             try:
-                return cls.rebuild_processor(path, **kwargs)
+                rebuilt = cls.rebuild_processor(path, **kwargs)
             except Exception as rebuild_exc:
                 raise rebuild_exc from exc
+            if rebuilt is None:
+                raise
+            return rebuilt
 
     @classmethod
     def rebuild_processor(cls, path: str, **kwargs: Any) -> Any:
         """The image + text processor built from a checkpoint's parts where ``AutoProcessor``
-        cannot build the stock one here. The base has none (:meth:`rebuilds_processor` is False)."""
-        raise NotImplementedError(f"{cls.__name__} does not rebuild its processor")
-
-    @classmethod
-    def rebuilds_processor(cls) -> bool:
-        """Whether this family overrides :meth:`rebuild_processor`."""
-        return cls.rebuild_processor.__func__ is not Adapter.rebuild_processor.__func__
+        cannot build the stock one here; None (the base): this family has no such rebuild."""
+        return None
 
     # ------------------------------------------------------------------ facet support (class-level)
     @classmethod
@@ -240,9 +236,10 @@ class Adapter(ABC):
         return getattr(self.processor, "tokenizer", None)
 
     @property
-    @abstractmethod
     def language_model(self) -> Any:
-        """The decoder stack without LM head (has ``.layers``, ``.norm``, ``.embed_tokens``)."""
+        """The decoder stack without LM head (has ``.layers``, ``.norm``, ``.embed_tokens``): the
+        transformers 5.x layout of ``*ForConditionalGeneration``, ``model.model.language_model``."""
+        return self.model.model.language_model
 
     @property
     def decoder_layers(self) -> Any:
@@ -263,9 +260,15 @@ class Adapter(ABC):
         return self.model
 
     @property
-    @abstractmethod
     def vision_tower(self) -> Any:
-        """The vision encoder module."""
+        """The vision encoder module (transformers 5.x layout: ``model.model.vision_tower``)."""
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> Any:
+        """The module that maps vision features into the language model's embedding space
+        (transformers 5.x layout: ``model.model.multi_modal_projector``)."""
+        return self.model.model.multi_modal_projector
 
     @property
     def vision_feature_layer(self) -> int:

@@ -121,19 +121,8 @@ class Gemma3Adapter(Adapter):
             )
 
     # ------------------------------------------------------------------ modules
-    @property
-    def language_model(self) -> Any:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> Any:
-        """The SigLIP vision model (``SiglipVisionModel``); no CLS token, no pooling head."""
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> Any:
-        """``Gemma3MultiModalProjector``: average pool, RMS norm, linear map."""
-        return self.model.model.multi_modal_projector
+    # language_model, vision_tower (SigLIP: no CLS, no pooling head) and projector
+    # (Gemma3MultiModalProjector: average pool, RMS norm, linear map): the base's accessors
 
     @property
     def vision_post_layernorm(self) -> Any:

@@ -165,19 +165,8 @@ class InternVLAdapter(Adapter):
         return processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **extra)
 
     # ------------------------------------------------------------------ modules and sizes
-    @property
-    def language_model(self) -> Any:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> Any:
-        """InternViT (``model.model.vision_tower``): a CLS token then the patches of one tile."""
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> Any:
-        """LayerNorm + MLP over the pixel-shuffled features (``multi_modal_projector``)."""
-        return self.model.model.multi_modal_projector
+    # language_model, vision_tower (InternViT: a CLS token then the patches of one tile) and
+    # projector (LayerNorm + MLP over the pixel-shuffled features): the base's accessors
 
     @property
     def vision_layers(self) -> Any:

@@ -16,26 +16,13 @@ from .geometry import GridView, processed_region, row_major_index
 
 
 class LlavaModules:
-    """Module accessors shared by the LLaVA families (``model.model.{vision_tower,
-    multi_modal_projector, language_model}``), llava-hf's prompt template and their text and map
-    facet (prefix sharing)."""
+    """What the LLaVA families share beyond the base's module accessors: llava-hf's prompt
+    template and their text and map facet (prefix sharing)."""
 
     model: Any
     # llava-hf's documented prompt format, no system prompt (LLaVA-NeXT's reference; LLaVA-1.5
     # overrides it with ViCrop's reference prompt)
     reference_template = "USER: {images}{question} ASSISTANT:"
-
-    @property
-    def language_model(self) -> Any:
-        return self.model.model.language_model
-
-    @property
-    def vision_tower(self) -> Any:
-        return self.model.model.vision_tower
-
-    @property
-    def projector(self) -> Any:
-        return self.model.model.multi_modal_projector
 
     # ------------------------------------------------------------------ text and map facet
     @property

@@ -129,10 +129,6 @@ class Qwen2VLAdapter(Adapter):
 
     # ------------------------------------------------------------------ modules and sizes
     @property
-    def language_model(self) -> Any:
-        return self.model.model.language_model
-
-    @property
     def vision_tower(self) -> Any:
         """The ViT with its patch merger (``model.model.visual``); no CLS token."""
         return self.model.model.visual
