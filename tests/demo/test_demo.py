@@ -72,5 +72,19 @@ def test_demo_table_prints_intervals_and_marks(tmp_path, capsys):
     assert "95% interval" in out and "McNemar p < 0.05" in out
     assert out.count("[") >= 2 * len(SETS)  # an interval under every accuracy
     table = (tmp_path / "d" / "table.md").read_text()
-    assert table.splitlines()[0] == "| set | plain | vicrop-rel-att |"
-    assert len(table.splitlines()) == 2 + len(SETS)
+    lines = table.splitlines()
+    assert lines[0] == "| method | " + " | ".join(s.description for s in SETS) + " |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| plain", "| vicrop-rel-att"]  # one row per run
+    assert all(line.count(" | ") == len(SETS) for line in lines[2:])
+
+
+def test_demo_runs_the_papers_methods_the_gate_and_every_baseline_by_default():
+    """Issue #18: the demo table includes the training-free baselines and the crop gate."""
+    from innersight.methods import resolve_methods
+
+    for name in ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "vicrop-gated", "deco", "damro", "var",
+                 "dola", "vcd", "pai", "m3id", "icd", "vista", "only"):
+        assert name in DEFAULT_METHODS
+    assert len(set(DEFAULT_METHODS)) == len(DEFAULT_METHODS)
+    for name in DEFAULT_METHODS:
+        resolve_methods([name])  # each a registered method

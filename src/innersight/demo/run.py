@@ -25,9 +25,13 @@ DEMO_SEED = 20261121
 #: significance level of the demo's McNemar tests against plain
 ALPHA = 0.05
 
-#: the four papers' methods; the baselines (vcd, dola, pai, m3id, icd, vista, only) and the ViCrop
-#: crop gate (vicrop-gated) run with `--method` (all of them by default made the demo about 10x slower)
-DEFAULT_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "deco", "damro", "var")
+#: every method the demo runs by default: the four papers' methods, ViCrop's crop gate, then the
+#: training-free baselines users compare against (issue #18). On two idle CPU cores, 24 scenes per set
+#: with all of them take about half a minute (BENCHMARKS.md, "The micro model"); ``--method`` picks fewer.
+PAPER_METHODS: tuple[str, ...] = ("vicrop-rel-att", "vicrop-grad-att", "vicrop-pure-grad", "vicrop-gated", "deco",
+                                  "damro", "var")
+BASELINE_METHODS: tuple[str, ...] = ("dola", "vcd", "pai", "m3id", "icd", "vista", "only")
+DEFAULT_METHODS: tuple[str, ...] = PAPER_METHODS + BASELINE_METHODS
 
 
 @dataclass(frozen=True)
@@ -123,21 +127,22 @@ def add_statistics(result: DemoResult, *, resamples: int = 1000, seed: int = 0) 
 
 
 def markdown_table(result: DemoResult) -> str:
-    """The accuracy table as README shows it: one row per set, one column per run, the 95%
-    interval after each accuracy, * = differs from plain (McNemar p < 0.05), best in bold."""
+    """The accuracy table as README shows it: one row per run (plain first), one column per set,
+    the 95% interval after each accuracy, * = differs from plain (McNemar p < 0.05), the best of
+    each set in bold. Rows, not columns, per method: with the baselines there are fifteen runs."""
     runs = ["plain", *result.methods]
-    lines = ["| set | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
-    for demo_set in SETS:
-        best = max(result.accuracy[demo_set.name].values())
+    lines = ["| method | " + " | ".join(s.description for s in SETS) + " |", "|---|" + "---|" * len(SETS)]
+    best = {s.name: max(result.accuracy[s.name].values()) for s in SETS}
+    for run in runs:
         cells = []
-        for run in runs:
+        for demo_set in SETS:
             value = f"{100 * result.accuracy[demo_set.name][run]:.1f}"
-            if result.accuracy[demo_set.name][run] == best:
+            if result.accuracy[demo_set.name][run] == best[demo_set.name]:
                 value = f"**{value}**"
             if result.significant(demo_set.name, run):
                 value += "\\*"
             cells.append(f"{value} {result.cell(demo_set.name, run)[1]}".strip())
-        lines.append(f"| {demo_set.description} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
