@@ -137,6 +137,20 @@ def test_removal_mask_decode_step_and_padding_mask():
     assert allowed_keys(additive, 1, 2, 2, torch.device("cpu"))[0, 0].tolist() == [[True, False], [True, True]]
 
 
+def test_removal_mask_under_a_sliding_window_offsets_key_columns():
+    # a sliding-window layer at a decoding step: 4 keys handed over, key column 0 is position 3
+    removed = torch.tensor([[False, True, False, False, True, False]])  # prompt positions 1 and 4 removed
+    mask = removal_mask(None, removed, 1, 4, key_offset=3)  # keys = positions 3, 4, 5, 6 (6: the new token)
+    assert mask[0, 0, 0].tolist() == [True, False, True, True]
+    # without the offset, column j would be read as position j: position 1 dropped instead of 4
+    assert removal_mask(None, removed, 1, 4)[0, 0, 0].tolist() == [True, False, True, True]
+    only_four = torch.tensor([[False, False, False, False, True, False]])
+    assert removal_mask(None, only_four, 1, 4, key_offset=3)[0, 0, 0].tolist() == [True, False, True, True]
+    assert removal_mask(None, only_four, 1, 4)[0, 0, 0].tolist() == [True, True, True, True]
+    # an offset past the prompt removes nothing
+    assert removal_mask(None, removed, 1, 3, key_offset=6)[0, 0, 0].all()
+
+
 def test_random_like_counts_pool_and_seed():
     image = torch.zeros(2, 12, dtype=torch.bool)
     image[:, 2:10] = True

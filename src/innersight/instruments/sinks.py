@@ -57,7 +57,7 @@ from ..attend.sinks import (
     sink_mask,
     sink_scores,
 )
-from ..attention import layer_handlers, row_probabilities, sdpa_forward
+from ..attention import key_start, layer_handlers, row_probabilities, sdpa_forward
 from ..errors import UserInputError
 from .common import (
     Measurement,
@@ -98,17 +98,21 @@ def allowed_keys(attention_mask: torch.Tensor | None, rows: int, lq: int, lk: in
     return mask.expand(rows, mask.shape[1], lq, lk)
 
 
-def removal_mask(attention_mask: torch.Tensor | None, removed: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+def removal_mask(attention_mask: torch.Tensor | None, removed: torch.Tensor, lq: int, lk: int,
+                 key_offset: int = 0) -> torch.Tensor:
     """The attention mask with the ``removed`` keys taken out for every query but their own.
 
     ``removed`` [B, L0] bool marks prompt positions; later keys (generated tokens) are never
-    removed. Returns bool [B, 1, lq, lk] (True = attend).
+    removed. ``key_offset``: the sequence position of key column 0 (:func:`innersight.attention.key_start`;
+    above 0 where a sliding-window cache layer dropped early keys), so key column ``j`` is
+    position ``key_offset + j``. Returns bool [B, 1, lq, lk] (True = attend).
     """
     rows, device = int(removed.shape[0]), removed.device
     allowed = allowed_keys(attention_mask, rows, lq, lk, device)  # [B, 1, lq, lk]
     drop = torch.zeros(rows, lk, dtype=torch.bool, device=device)  # [B, lk]
-    width = min(lk, int(removed.shape[1]))
-    drop[:, :width] = removed[:, :width]
+    offset = max(0, int(key_offset))
+    width = max(0, min(lk, int(removed.shape[1]) - offset))  # key columns that are prompt positions
+    drop[:, :width] = removed[:, offset:offset + width]
     qpos = torch.arange(lk - lq, lk, device=device)  # [lq] absolute positions of the queries
     own = torch.arange(lk, device=device)[None, :] == qpos[:, None]  # [lq, lk]
     keep = ~drop[:, None, None, :] | own[None, None]  # [B, 1, lq, lk]
@@ -169,7 +173,7 @@ class SinkProbe:
             lq, lk = int(query.shape[2]), int(key.shape[2])
             mask = attention_mask
             if self.remove is not None:
-                mask = self._removal(attention_mask, lq, lk, query.device)
+                mask = self._removal(attention_mask, lq, lk, query.device, key_start(module, lq, lk))
             out = sdpa_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
             if self.capture and lq == lk == self.prompt_length:
                 scale = scaling if scaling is not None else query.shape[-1] ** -0.5
@@ -179,14 +183,17 @@ class SinkProbe:
 
         return attend
 
-    def _removal(self, attention_mask: torch.Tensor | None, lq: int, lk: int, device: torch.device) -> torch.Tensor:
-        """:func:`removal_mask` for this forward, built once per mask object the layers share
-        (full and sliding-window layers get different ones); a new forward clears the cache."""
-        key = (lq, lk, str(device), id(attention_mask))
+    def _removal(self, attention_mask: torch.Tensor | None, lq: int, lk: int, device: torch.device,
+                 offset: int = 0) -> torch.Tensor:
+        """:func:`removal_mask` for this forward, built once per mask object and key offset the
+        layers share (full and sliding-window layers get different ones); a new forward clears
+        the cache."""
+        key = (lq, lk, str(device), id(attention_mask), offset)
         if key not in self._masks:
             if any(k[:2] != (lq, lk) for k in self._masks):
                 self._masks.clear()
-            self._masks[key] = removal_mask(attention_mask, self.remove.to(device), lq, lk)  # [B, 1, lq, lk]
+            self._masks[key] = removal_mask(attention_mask, self.remove.to(device), lq, lk,
+                                            offset)  # [B, 1, lq, lk]
         return self._masks[key]
 
     # ------------------------------------------------------------------ context
