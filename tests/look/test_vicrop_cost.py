@@ -102,9 +102,8 @@ def test_shared_prefix_capture_equals_the_joint_batch_with_other_padding(tiny_ml
     mllm = tiny_mllm(family)
     questions = ["what is the digit in the red circle on the left?", "colour?"]
     images = [_scene(120, 60, seed=7), _scene(50, 90, seed=8)]
-    prompts = [mllm.adapter.format_prompt(q) for q in questions]
-    generic = [mllm.adapter.format_prompt(generic_prompt(q, ViCropConfig())) for q in questions]
-    batch = mllm.prepare([[im] for im in images] * 2, prompts + generic)
+    generic = [generic_prompt(q, ViCropConfig()) for q in questions]
+    batch = mllm.prepare([[im] for im in images] * 2, questions + generic)
     mask = batch.inputs["attention_mask"]
     assert len(set(mask.sum(-1).tolist())) >= 3  # rows padded differently (equal image token counts on LLaVA-1.5)
     counts = [batch.layouts[b][0].num_tokens for b in range(2)]
@@ -126,7 +125,7 @@ def test_shared_prefix_needs_the_familys_positions(tiny_mllm, monkeypatch, famil
     mllm = tiny_mllm(family)
     q = "what is the digit in the red circle?"
     a = mllm.adapter
-    batch = mllm.prepare([[_scene(120, 60, seed=9)]] * 2, [a.format_prompt(q), a.format_prompt(generic_prompt(q, ViCropConfig()))])
+    batch = mllm.prepare([[_scene(120, 60, seed=9)]] * 2, [q, generic_prompt(q, ViCropConfig())])
     joint = forward_capture(mllm, batch, 1, stop_after=True)
     positions = a.batch_positions(batch)
     assert positions.shape == (4, *batch.input_ids.shape)
