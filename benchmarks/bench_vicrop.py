@@ -291,15 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--capture-memory", action="store_true", help="rel-att pair-capture memory vs a plain prefill")
     p.add_argument("--capture-family", choices=CAPTURE_FAMILIES, default="llava",
                    help="--capture-memory on LLaVA-1.5 (576 image tokens) or Qwen2-VL (2304 image tokens)")
+    p.add_argument("--qwen-side", type=int, default=QWEN_IMAGE_SIDE,
+                   help="--capture-family qwen2_vl: the square image's side, a multiple of 28 (1344: 2304 tokens)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.capture_memory and args.capture_family == "qwen2_vl":
             import torch
 
-            options = options_from(args, qwen2_vl_processor_dir(Path(tmp) / "processor"))
+            side = args.qwen_side
+            if side < 28 or side % 28:
+                raise SystemExit("--qwen-side must be a positive multiple of 28 (patch 14 x merge 2)")
+            options = options_from(args, qwen2_vl_processor_dir(Path(tmp) / "processor", side))
             torch.set_num_threads(int(options["threads"]))
             mllm = make_qwen2_vl(args.shape, options["processor_dir"], args.device, args.dtype)
-            side = QWEN_IMAGE_SIDE
             image = random_image(0).resize((side, side))
             mem = capture_memory(mllm, args.device, args.repeats, image=image)
             print(header(args) + f" family=qwen2_vl image={side}x{side} image_tokens={int(mem['image_tokens'])} "
