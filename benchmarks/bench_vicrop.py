@@ -21,11 +21,15 @@ Variants (each answers ``--batch`` samples, random 640x480 images, per call):
 ``--scaling 1,2,4,8`` measures instead the throughput (samples / s) of plain, rel-att, grad-att,
 pure-grad, deco and damro at each batch size (all interleaved in one process) and prints it
 relative to batch 1 of the same method. ``--capture-memory`` measures the peak memory of the
-rel-att pair capture alone (shared prefix and joint) against a plain prefill of the question.
+rel-att pair capture alone (shared prefix and joint) against a plain prefill of the question; with
+``--capture-family qwen2_vl`` on a Qwen2-VL of the same decoder (:func:`make_qwen2_vl`: the
+shape's decoder and vision sizes, patch 14, merge 2, M-RoPE) and one 1344x1344 image, i.e.
+2304 image tokens (issue #16's memory target).
 
     python benchmarks/bench_vicrop.py --shape proxy --isolate none --repeats 3 --tokens 8 --threads 1
     python benchmarks/bench_vicrop.py --shape proxy --isolate none --scaling 1,2,4,8 --repeats 1
     python benchmarks/bench_vicrop.py --shape 7b --device cuda --dtype bf16 --repeats 5
+    python benchmarks/bench_vicrop.py --shape proxy --capture-memory --capture-family qwen2_vl --repeats 3 --threads 2
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decoding import (  # noqa: E402
     QUESTION,
+    SHAPES,
     Measurement,
     PeakMemory,
     _load,
@@ -157,15 +162,88 @@ def measure_scaling(options: dict[str, Any]) -> dict[str, list[Measurement]]:
     return results
 
 
-def capture_memory(mllm: Any, device: str, repeats: int = 3) -> dict[str, float]:
+#: the Qwen2-VL capture-memory image: 1344 / 14 = 96 patches a side, merged 2x2: 48 x 48 = 2304
+#: image tokens (``min_pixels = max_pixels = 1344^2``, so ``smart_resize`` keeps it as it is)
+QWEN_IMAGE_SIDE = 1344
+CAPTURE_FAMILIES = ("llava", "qwen2_vl")
+
+
+def qwen2_vl_processor_dir(out_dir: Path, side: int = QWEN_IMAGE_SIDE) -> Path:
+    """A saved Qwen2-VL processor (test tokenizer, image processor for ``side`` x ``side`` images,
+    patch 14, merge 2); the tiny builder writes it beside a throwaway small model, not used."""
+    from transformers.utils import logging as hf_logging
+
+    from innersight.testing.tiny import build
+
+    hf_logging.disable_progress_bar()
+    return build("qwen2_vl", out_dir, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                 vision_layers=1, min_pixels=side * side, max_pixels=side * side)
+
+
+def make_qwen2_vl(shape: str, processor_path: str | Path, device: str = "cpu", dtype: str | None = None,
+                  seed: int = 0) -> Any:
+    """A random-weight ``Qwen2VLForConditionalGeneration`` built in memory with ``shape``'s decoder
+    (``proxy``: 768 wide, 12 layers, 12 heads, no grouped KV, MLP 2048, vocabulary 32064, as the
+    LLaVA proxy) and a Qwen2-VL vision tower of ``shape``'s vision sizes (``proxy``: 256 wide,
+    4 blocks, 8 heads, MLP ratio 2; patch 14, merge 2), wrapped as an :class:`innersight.MLLM`."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from innersight.adapters import adapter_class
+    from innersight.loading import resolve_device, resolve_dtype
+    from innersight.mllm import MLLM
+    from innersight.testing.tiny.qwen2_vl import default_mrope_section
+    from innersight.testing.tiny.tokenizer import set_special_ids
+
+    s = SHAPES[shape]
+    cls = adapter_class("qwen2_vl")
+    processor = cls.load_processor(str(processor_path))
+    tok = processor.tokenizer
+    head_dim = int(s["hidden_size"]) // int(s["num_heads"])
+    text = {
+        "vocab_size": s["vocab"] or len(tok), "hidden_size": s["hidden_size"],
+        "intermediate_size": s["intermediate_size"], "num_hidden_layers": s["num_layers"],
+        "num_attention_heads": s["num_heads"], "num_key_value_heads": s["num_heads"],
+        "max_position_embeddings": 8192,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                            "mrope_section": default_mrope_section(head_dim)},
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+    }
+    vision = {
+        "depth": s["vision_layers"], "embed_dim": s["vision_hidden"], "hidden_size": s["hidden_size"],
+        "num_heads": s["vision_heads"], "mlp_ratio": int(s["vision_intermediate"]) // int(s["vision_hidden"]),
+        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    }
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+    model.eval()
+    set_special_ids(model, tok)
+    return MLLM(model, processor, cls(model, processor), name=f"random-qwen2-vl-{shape}")
+
+
+def capture_memory(mllm: Any, device: str, repeats: int = 3, image: Any = None) -> dict[str, float]:
     """Peak memory (MiB, largest of ``repeats``) and median time of the rel-att pair capture
     (shared prefix, joint batch) and of a plain prefill of the question (full forward with its
-    KV cache, logits at the last position), one sample."""
+    KV cache, logits at the last position), one sample (``image``: default a 640x480 one); also
+    the image's token count (``image_tokens``) and whether the shared-prefix path ran
+    (``shared_ran``, 1.0 or 0.0)."""
     import torch
 
-    from innersight.look.vicrop import ViCropConfig, importance_maps
+    from innersight.look.maps import pair_capture
+    from innersight.look.vicrop import ViCropConfig, generic_prompt, importance_maps
 
-    image = random_image(0)
+    image = random_image(0) if image is None else image
+    pair = mllm.prepare([[image]] * 2, [QUESTION, generic_prompt(QUESTION, ViCropConfig())])
+    shared_ran = pair_capture(mllm, pair, 1) is not None  # else the capture below is the joint batch again
+    image_tokens = pair.layouts[0][0].num_tokens
+    del pair
 
     def plain_prefill() -> None:
         batch = mllm.prepare([image], [QUESTION])
@@ -191,7 +269,17 @@ def capture_memory(mllm: Any, device: str, repeats: int = 3) -> dict[str, float]
     for name, values in samples.items():
         out[f"{name}_s"] = statistics.median(t for t, _ in values)
         out[f"{name}_mb"] = max(m for _, m in values)
+    out["image_tokens"] = float(image_tokens)
+    out["shared_ran"] = float(shared_ran)
     return out
+
+
+def _print_capture_memory(mem: dict[str, float]) -> None:
+    """One line per run of :func:`capture_memory`: median s, peak MiB, x the plain prefill's peak."""
+    base = mem["plain-prefill_mb"]
+    for name in ("plain-prefill", "capture-shared", "capture-joint"):
+        print(f"{name:<16}{mem[name + '_s']:>9.3f} s{mem[name + '_mb']:>10.1f} MB"
+              f"{_ratio(mem[name + '_mb'], base):>8.2f}x plain prefill mem")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,18 +289,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--variants", default=None, help="variants of the main table (default: all; plain always)")
     p.add_argument("--methods", default=None, help="methods of the scaling table (default: all of SCALING_METHODS)")
     p.add_argument("--capture-memory", action="store_true", help="rel-att pair-capture memory vs a plain prefill")
+    p.add_argument("--capture-family", choices=CAPTURE_FAMILIES, default="llava",
+                   help="--capture-memory on LLaVA-1.5 (576 image tokens) or Qwen2-VL (2304 image tokens)")
+    p.add_argument("--qwen-side", type=int, default=QWEN_IMAGE_SIDE,
+                   help="--capture-family qwen2_vl: the square image's side, a multiple of 28 (1344: 2304 tokens)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.capture_memory and args.capture_family == "qwen2_vl":
+            import torch
+
+            side = args.qwen_side
+            if side < 28 or side % 28:
+                raise SystemExit("--qwen-side must be a positive multiple of 28 (patch 14 x merge 2)")
+            options = options_from(args, qwen2_vl_processor_dir(Path(tmp) / "processor", side))
+            torch.set_num_threads(int(options["threads"]))
+            mllm = make_qwen2_vl(args.shape, options["processor_dir"], args.device, args.dtype)
+            image = random_image(0).resize((side, side))
+            mem = capture_memory(mllm, args.device, args.repeats, image=image)
+            print(header(args) + f" family=qwen2_vl image={side}x{side} image_tokens={int(mem['image_tokens'])} "
+                  f"shared_prefix_ran={bool(mem['shared_ran'])} load_after={os.getloadavg()[0]:.1f}")
+            _print_capture_memory(mem)
+            write_json(args.json, args, {}, {}, capture_memory=mem)
+            return 0
         options = options_from(args, processor_dir(args.shape, Path(tmp) / "processor"))
         options["batch"] = args.batch
         if args.capture_memory:
             mllm = _load(options)
             mem = capture_memory(mllm, args.device, args.repeats)
-            print(header(args))
-            base = mem["plain-prefill_mb"]
-            for name in ("plain-prefill", "capture-shared", "capture-joint"):
-                print(f"{name:<16}{mem[name + '_s']:>9.3f} s{mem[name + '_mb']:>10.1f} MB"
-                      f"{_ratio(mem[name + '_mb'], base):>8.2f}x plain prefill mem")
+            print(header(args) + f" family=llava image_tokens={int(mem['image_tokens'])} "
+                  f"shared_prefix_ran={bool(mem['shared_ran'])} load_after={os.getloadavg()[0]:.1f}")
+            _print_capture_memory(mem)
             write_json(args.json, args, {}, {}, capture_memory=mem)
             return 0
         if args.scaling:

@@ -53,3 +53,17 @@ def test_scaling_and_capture_memory(bench, tmp_path, capsys):
     for name in ("plain-prefill", "capture-shared", "capture-joint"):
         assert mem[f"{name}_s"] > 0 and mem[f"{name}_mb"] >= 0
     assert "x plain prefill mem" in capsys.readouterr().out
+
+
+def test_capture_memory_on_qwen2_vl(bench, tmp_path, capsys):
+    """The Qwen2-VL capture-memory run (here a 112x112 image: 4 x 4 = 16 merged tokens; 1344 gives
+    2304) measures the shared-prefix path, not the joint batch twice."""
+    out = tmp_path / "memory.json"
+    assert bench.main([*SMOKE, "--capture-memory", "--capture-family", "qwen2_vl", "--qwen-side", "112",
+                       "--json", str(out)]) == 0
+    mem = json.loads(out.read_text())["capture_memory"]
+    assert mem["image_tokens"] == 16 and mem["shared_ran"] == 1.0
+    for name in ("plain-prefill", "capture-shared", "capture-joint"):
+        assert mem[f"{name}_s"] > 0 and mem[f"{name}_mb"] >= 0
+    text = capsys.readouterr().out
+    assert "family=qwen2_vl" in text and "shared_prefix_ran=True" in text

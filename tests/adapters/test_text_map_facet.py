@@ -22,7 +22,7 @@ TEXT_ONLY = {"llava": "model", "llava_next": "model", "instructblip": "causal_lm
 BLOCKS = {"llava": 0, "llava_next": 0, "instructblip": 2, "qwen2_vl": 0, "qwen2_5_vl": 0, "llava_onevision": 0, "internvl": 0,
           "smolvlm": 0}
 #: SmolVLM: 1D positions and frames that do not read the prompt (its pixels are one row per sample)
-SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": False, "qwen2_5_vl": False,
+SHARES_PREFIX = {"llava": True, "llava_next": True, "instructblip": False, "qwen2_vl": True, "qwen2_5_vl": True,
                  "llava_onevision": True, "internvl": True, "smolvlm": True}
 #: rows of an image input per image where it is not one: InternVL's tiles, a 70x50 image on the tiny
 #: (aspect 1.4: 1x1 and 2x2 both miss by 0.4, 3500 px > half of 2x2 tiles of 32 px -> 2x2 + thumbnail)
@@ -31,9 +31,9 @@ ROWS_PER_IMAGE = {"internvl": 5}
 #: prefix sharing (its prompts need token_type_ids, and sliding-window layers keep only the last
 #: window of keys, so a suffix pass cannot see the prefix's whole row)
 TEXT_ONLY["gemma3"], BLOCKS["gemma3"], SHARES_PREFIX["gemma3"] = "model", 0, False
-#: Qwen3-VL: as Qwen2-VL (the whole model runs without pixels; merged tokens are grid cells; M-RoPE
-#: positions, so no shared prefix)
-TEXT_ONLY["qwen3_vl"], BLOCKS["qwen3_vl"], SHARES_PREFIX["qwen3_vl"] = "model", 0, False
+#: Qwen3-VL: as Qwen2-VL (the whole model runs without pixels; merged tokens are grid cells; a
+#: shared prefix continued with M-RoPE positions, DeepStack computed in the prefix pass)
+TEXT_ONLY["qwen3_vl"], BLOCKS["qwen3_vl"], SHARES_PREFIX["qwen3_vl"] = "model", 0, True
 
 
 def _image(w: int, h: int, seed: int) -> Image.Image:
@@ -185,13 +185,19 @@ def test_prefix_image_inputs_decide_the_shared_prefix_path(tiny_mllm, family):
     if not declared:
         assert pair_capture(mllm, batch, 1) is None
         return
-    extra = set(batch.inputs) - {"input_ids", "attention_mask"}
+    tokens = set(a.prefix_token_inputs)  # per-token inputs ([B, L]) the prefix pass slices like its ids
+    for key in tokens & set(batch.inputs):
+        assert batch.inputs[key].shape == batch.input_ids.shape
+    extra = set(batch.inputs) - {"input_ids", "attention_mask"} - tokens
     assert extra and extra <= set(declared)  # every image input of the batch is declared
-    rows = ROWS_PER_IMAGE.get(family, 1)
     first = a.sample_image_inputs(batch, 1)  # what the prefix pass feeds for the first sample
     assert set(first) == extra
     for key in extra:
-        assert batch.inputs[key].shape[0] == 2 * rows  # one row per image (InternVL: per tile)
+        # one row per image (InternVL: per tile; Qwen: pixel_values holds the image's patch rows)
+        rows = ROWS_PER_IMAGE.get(family, 1)
+        if key == "pixel_values" and "image_grid_thw" in batch.inputs:
+            rows = int(batch.inputs["image_grid_thw"][0].prod())
+        assert batch.inputs[key].shape[0] == 2 * rows
         torch.testing.assert_close(first[key], batch.inputs[key][:rows])
     shared = pair_capture(mllm, batch, 1)  # [2, H, L]
     joint = forward_capture(mllm, batch, 1, stop_after=True)  # [2, H, L]

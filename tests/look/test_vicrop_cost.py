@@ -67,6 +67,11 @@ def _layer0_tokens(mllm, run) -> tuple[int, object]:
     return sum(seen), result
 
 
+#: families whose rel-att pair capture shares the prefix (the adapter names its image inputs);
+#: the Qwen families continue the prefix's cache with their M-RoPE positions (batch_positions)
+SHARED_PREFIX_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_rel_att_shared_prefix_same_maps_less_work(tiny_mllm, family):
     mllm = tiny_mllm(family)
@@ -85,11 +90,58 @@ def test_rel_att_shared_prefix_same_maps_less_work(tiny_mllm, family):
             np.testing.assert_allclose(raw_s[key], raw_j[key], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("family", SHARED_PREFIX_FAMILIES)
+def test_shared_prefix_capture_equals_the_joint_batch_with_other_padding(tiny_mllm, family):
+    """Two samples of different image sizes (different image token counts on LLaVA-NeXT and the
+    Qwen families) and question lengths, so left padding differs between every row: the shared-prefix
+    capture equals the joint batch's at every key, and it really ran (the prefix pass carried the
+    image tokens once: the first decoder layer saw fewer positions than the joint batch's)."""
+    from innersight.look.maps import forward_capture, pair_capture
+    from innersight.look.vicrop import generic_prompt
+
+    mllm = tiny_mllm(family)
+    questions = ["what is the digit in the red circle on the left?", "colour?"]
+    images = [_scene(120, 60, seed=7), _scene(50, 90, seed=8)]
+    generic = [generic_prompt(q, ViCropConfig()) for q in questions]
+    batch = mllm.prepare([[im] for im in images] * 2, questions + generic)
+    mask = batch.inputs["attention_mask"]
+    assert len(set(mask.sum(-1).tolist())) >= 3  # rows padded differently (equal image token counts on LLaVA-1.5)
+    counts = [batch.layouts[b][0].num_tokens for b in range(2)]
+    shared_tokens, shared = _layer0_tokens(mllm, lambda: pair_capture(mllm, batch, 1))
+    joint_tokens, joint = _layer0_tokens(mllm, lambda: forward_capture(mllm, batch, 1, stop_after=True))
+    assert shared is not None, f"{family}: the shared-prefix path declined"
+    assert shared_tokens <= joint_tokens - sum(counts)  # each image's tokens went through once, not twice
+    torch.testing.assert_close(shared, joint, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_shared_prefix_needs_the_familys_positions(tiny_mllm, monkeypatch, family):
+    """With counted positions instead of M-RoPE's, the shared-prefix capture would differ from the
+    joint batch's: the equality above rests on batch_positions (and not on chance)."""
+    from innersight.adapters.base import Adapter
+    from innersight.look.maps import forward_capture, pair_capture
+    from innersight.look.vicrop import generic_prompt
+
+    mllm = tiny_mllm(family)
+    q = "what is the digit in the red circle?"
+    a = mllm.adapter
+    batch = mllm.prepare([[_scene(120, 60, seed=9)]] * 2, [q, generic_prompt(q, ViCropConfig())])
+    joint = forward_capture(mllm, batch, 1, stop_after=True)
+    positions = a.batch_positions(batch)
+    assert positions.shape == (4, *batch.input_ids.shape)
+    counted = Adapter.prompt_positions(a, batch, batch.input_ids, batch.inputs["attention_mask"], [])  # [B, L]
+    assert not torch.equal(positions[1:], counted[None].expand(3, -1, -1))  # M-RoPE differs from counts
+    monkeypatch.setattr(type(a), "batch_positions", lambda self, b: Adapter.prompt_positions(
+        self, b, b.input_ids, b.inputs["attention_mask"], []))
+    wrong = pair_capture(mllm, batch, 1)
+    assert wrong is not None and not torch.allclose(wrong, joint, rtol=1e-4, atol=1e-6)
+
+
 def test_rel_att_shared_prefix_declines_other_families(tiny_mllm):
     from innersight.look.maps import pair_capture
     from innersight.look.vicrop import generic_prompt
 
-    for family in ("qwen2_vl", "instructblip"):
+    for family in ("gemma3", "instructblip"):
         mllm = tiny_mllm(family)
         q = "what is it?"
         batch = mllm.prepare([_scene()] * 2, [q, generic_prompt(q, ViCropConfig())])

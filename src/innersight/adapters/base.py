@@ -572,11 +572,37 @@ class Adapter(ABC):
         """The batch inputs that carry the images when a prompt's common prefix (holding every
         image token) may be encoded once and continued from its KV cache by several prompts
         (ViCrop rel-att's question / generic pair, :mod:`innersight.look.prefix`); their rows
-        (first dimension) are the images', as :meth:`sample_image_inputs` says. Only families whose text positions are plain counts of
-        the attention mask and whose image features do not read the prompt qualify.
+        (first dimension) are the images', as :meth:`sample_image_inputs` says. Only families whose
+        image features do not read the prompt, and whose prompt is continued exactly by a cache and
+        the positions of :meth:`batch_positions`, qualify.
 
         The base: empty, the family cannot share a prefix (the caller runs the joint batch)."""
         return ()
+
+    @property
+    def prefix_token_inputs(self) -> tuple[str, ...]:
+        """Per-token batch inputs (``[B, L]``, aligned with ``input_ids``) that the shared-prefix
+        path may carry: they matter only at image positions, so the prefix pass (which holds every
+        image token) gets them sliced like its ids and the suffix pass (which holds none) runs
+        without them. A batch holding an input named neither here nor in
+        :attr:`prefix_image_inputs` takes the joint batch.
+
+        The base: none (Qwen: ``mm_token_type_ids``, read only to compute M-RoPE positions, which
+        :meth:`batch_positions` gives explicitly)."""
+        return ()
+
+    def batch_positions(self, batch: Batch) -> torch.Tensor:
+        """Position ids of ``batch``'s own prompts as the model computes them for its forward, in
+        the layout of :meth:`prompt_positions` (``[B, L]``; ``[4, B, L]`` for M-RoPE: the text row,
+        then temporal / height / width). The shared-prefix path slices a prefix's and a suffix's
+        positions out of them (:mod:`innersight.look.prefix`), so a suffix run against the
+        prefix's cache sees the positions it had in the full prompt.
+
+        Every family: :meth:`prompt_positions` with the batch's ids, mask and image token counts
+        (the base: counts of the mask)."""
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # [B, L]
+        counts = [[layout.num_tokens for layout in layouts] for layouts in batch.layouts]
+        return self.prompt_positions(batch, ids, mask, counts)
 
     def sample_image_inputs(self, batch: Batch, n: int) -> dict[str, Any]:
         """The :attr:`prefix_image_inputs` of ``batch``'s first ``n`` samples (the shared-prefix

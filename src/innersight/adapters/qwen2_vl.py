@@ -203,10 +203,33 @@ class Qwen2VLAdapter(Adapter):
         return pixels, batch.layouts[sample][0].views[0]
 
     # ------------------------------------------------------------------ text and map facet
-    # The base's answers hold: the whole model generates without pixels (no image_grid_thw then),
-    # each merged token is one cell of the merged grid (token_grid), and no prefix sharing
-    # (prefix_image_inputs empty): positions are M-RoPE (:meth:`prompt_positions`), not plain
-    # counts of the mask, so a suffix cannot continue a prefix's cache with counted positions.
+    # The base's answers hold for the text-only path (the whole model generates without pixels, no
+    # image_grid_thw then) and the grid (each merged token is one cell of the merged grid). A
+    # common prefix may be shared: the suffix continues the prefix's cache with the M-RoPE
+    # positions of the full prompt (batch_positions, through prompt_positions), which the forward
+    # takes as given; the vision tower encodes each image on its own (cu_seqlens), so the first
+    # samples' images alone give the same features; Qwen3-VL's DeepStack rows are computed from
+    # the pixels in the prefix pass and added at its image positions, all of which it holds.
+
+    @property
+    def prefix_image_inputs(self) -> tuple[str, ...]:
+        """The images travel in ``pixel_values`` (flat patch rows, ``t * h * w`` per image) and
+        ``image_grid_thw`` (one ``[t, h, w]`` row per image): :meth:`sample_image_inputs` cuts them."""
+        return ("pixel_values", "image_grid_thw")
+
+    @property
+    def prefix_token_inputs(self) -> tuple[str, ...]:
+        """``mm_token_type_ids`` (1 at image tokens): the model reads it only to compute M-RoPE
+        positions, which the shared-prefix path passes explicitly."""
+        return ("mm_token_type_ids",)
+
+    def sample_image_inputs(self, batch: Batch, n: int) -> dict[str, Any]:
+        """The first ``n`` samples' images: their leading ``image_grid_thw`` rows and the patch
+        rows those grids cover (:meth:`vision_patch_range`)."""
+        images = sum(len(sizes) for sizes in batch.image_sizes[:n])
+        stop = self.vision_patch_range(batch, images - 1)[1] if images else 0
+        return {"pixel_values": batch.inputs["pixel_values"][:stop],  # [P_first, C * T * ps * ps]
+                "image_grid_thw": batch.inputs["image_grid_thw"][:images]}  # [N_first, 3]
 
     # ------------------------------------------------------------------ vision-tower order
     def vision_patch_range(self, batch: Batch, image_index: int) -> tuple[int, int]:

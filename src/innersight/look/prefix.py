@@ -21,13 +21,19 @@ The attention row read at the last position is then scattered back onto the join
 positions, so the projection onto the image grid (the batch's layouts) is unchanged. The maps
 equal the joint batch's up to float rounding (``tests/look/test_vicrop_cost.py``).
 
-Only for families whose text positions are plain counts and whose image features do not depend
-on the prompt: the adapter says so by naming the inputs that carry the images
-(:attr:`~innersight.adapters.base.Adapter.prefix_image_inputs`; LLaVA-1.5 and LLaVA-NeXT:
-``pixel_values``, ``image_sizes``). Other families take the joint batch (Qwen2-VL's multimodal
-rotary positions; InstructBLIP's Q-Former, whose query tokens read the prompt so that the
-"image" differs between the rows), and so does a batch holding any input beyond the ids, the
-mask and the named image inputs (this path would not know how to split it).
+Positions are the joint batch's own (:meth:`~innersight.adapters.base.Adapter.batch_positions`:
+counts of the mask on most families, ``[4, B, L]`` M-RoPE rows on Qwen2-VL, Qwen2.5-VL and Qwen3-VL),
+sliced into the prefix's and the suffix's, so a suffix sees the positions it had in the full prompt.
+
+Only for families whose image features do not depend on the prompt: the adapter says so by naming
+the inputs that carry the images (:attr:`~innersight.adapters.base.Adapter.prefix_image_inputs`;
+LLaVA-1.5 and LLaVA-NeXT: ``pixel_values``, ``image_sizes``; Qwen: ``pixel_values``,
+``image_grid_thw``) and any per-token inputs that matter only at image positions
+(:attr:`~innersight.adapters.base.Adapter.prefix_token_inputs`; Qwen: ``mm_token_type_ids``), which
+the prefix pass gets sliced like its ids. Other families take the joint batch (InstructBLIP's
+Q-Former, whose query tokens read the prompt so that the "image" differs between the rows; Gemma 3,
+whose sliding-window layers count distances in the padded sequence), and so does a batch holding
+any other input (this path would not know how to split it).
 """
 
 from __future__ import annotations
@@ -66,6 +72,20 @@ def _left_pad(rows: list[torch.Tensor], width: int, pad: int) -> tuple[torch.Ten
     return out, mask
 
 
+def _left_pad_positions(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Left-pad position rows ``[K, l]`` to ``[K, len(rows), width]`` (0 at pads, which the mask hides)."""
+    out = torch.zeros((rows[0].shape[0], len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        if row.shape[1]:
+            out[:, r, width - row.shape[1]:] = row
+    return out
+
+
+def _model_positions(positions: torch.Tensor) -> torch.Tensor:
+    """``[K, B, L]`` as the forward takes it: ``[B, L]`` for one row of plain positions."""
+    return positions[0] if positions.shape[0] == 1 else positions
+
+
 def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
                           capture_handler: Any, capture_probs: Any) -> torch.Tensor | None:
     """Attention probabilities [2n, H, L] of the last position of each row of ``batch`` (rows
@@ -77,10 +97,12 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
     recorded ([2n, H, Lk] over the suffix pass's keys).
     """
     inputs = batch.inputs
-    image_keys = frozenset(mllm.adapter.prefix_image_inputs)
+    adapter = mllm.adapter
+    image_keys = frozenset(adapter.prefix_image_inputs)
+    token_keys = frozenset(adapter.prefix_token_inputs)
     if not image_keys or n < 1 or len(batch) != 2 * n or "attention_mask" not in inputs:
         return None
-    if set(inputs) - TEXT_INPUTS - image_keys:
+    if set(inputs) - TEXT_INPUTS - image_keys - token_keys:
         return None  # an input the family did not declare: the joint batch
     ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()  # [2n, L]
     length = ids.shape[1]
@@ -97,32 +119,41 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
         if c <= last_image or c >= min(rows[i].numel(), rows[n + i].numel()):
             return None
         common.append(c)
+    positions = adapter.batch_positions(batch).cpu()  # [B, L] or [K, B, L] the joint batch's own
+    positions = positions[None] if positions.dim() == 2 else positions  # [K, 2n, L]
+    prefix_rows = [positions[:, i, starts[i]:starts[i] + common[i]] for i in range(n)]  # n x [K, c_i]
+    if any(not torch.equal(prefix_rows[i], positions[:, n + i, starts[n + i]:starts[n + i] + common[i]])
+           for i in range(n)):
+        return None  # the two rows place their common prefix differently
     model = mllm.model
     device = inputs["input_ids"].device
     pad = int(ids[0, 0]) if starts[0] else 0
-    tok = mllm.adapter.tokenizer
+    tok = adapter.tokenizer
     if tok is not None and tok.pad_token_id is not None:
         pad = int(tok.pad_token_id)
     width = max(common)
     prefix_ids, prefix_mask = _left_pad([rows[i][:common[i]] for i in range(n)], width, pad)  # [n, P]
-    prefix_pos = (prefix_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P] positions count real tokens
+    prefix_pos = _left_pad_positions(prefix_rows, width)  # [K, n, P]
+    token_inputs = {k: _left_pad([inputs[k][i, starts[i]:starts[i] + common[i]].cpu() for i in range(n)],
+                                 width, 0)[0].to(device) for k in token_keys if k in inputs}  # each [n, P]
     suffixes = [rows[r][common[r % n]:] for r in range(2 * n)]
     s_width = max(s.numel() for s in suffixes)
     suffix_ids, suffix_mask = _left_pad(suffixes, s_width, pad)  # [2n, S]
-    base = torch.tensor(common * 2)[:, None]  # [2n, 1] each row's prefix length
-    suffix_pos = (base + suffix_mask.cumsum(-1) - 1).clamp(min=0)  # [2n, S]
+    suffix_pos = _left_pad_positions([positions[:, r, starts[r] + common[r % n]:] for r in range(2 * n)],
+                                     s_width)  # [K, 2n, S]
 
     from transformers import DynamicCache
 
     cache = DynamicCache()
     name = cache_argument(model.forward)
-    image_inputs = mllm.adapter.sample_image_inputs(batch, n)  # the first n samples' images (adapter's rows)
-    decoder_layers = mllm.adapter.decoder_layers
+    image_inputs = adapter.sample_image_inputs(batch, n)  # the first n samples' images (adapter's rows)
+    decoder_layers = adapter.decoder_layers
     with torch.inference_mode():
         with layer_handlers(model, decoder_layers, {layer: _stop}):
             try:
                 model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
-                      position_ids=prefix_pos.to(device), use_cache=True, **{name: cache}, **image_inputs)
+                      position_ids=_model_positions(prefix_pos).to(device), use_cache=True, **{name: cache},
+                      **image_inputs, **token_inputs)
             except StopForward:
                 pass
         cache.reorder_cache(torch.arange(n).repeat(2).to(device))  # [2n] rows i and n + i share prefix i
@@ -130,7 +161,7 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
         with layer_handlers(model, decoder_layers, {layer: capture_handler}):
             try:
                 model(input_ids=suffix_ids.to(device), attention_mask=full_mask.to(device),
-                      position_ids=suffix_pos.to(device), use_cache=True, **{name: cache})
+                      position_ids=_model_positions(suffix_pos).to(device), use_cache=True, **{name: cache})
             except StopForward:
                 pass
     probs = capture_probs()  # [2n, H, P + S]
