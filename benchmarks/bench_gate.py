@@ -34,9 +34,18 @@ SWEEPS = {
     "confidence<": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
 }
 
-#: the two-signal sweep: crop when confidence < c and the question map's peak-to-mean >= t
-PAIR_CONFIDENCE = (0.5, 0.6, 0.7, 0.8)
-PAIR_MAP = (1, 8, 10, 12, 15)
+#: the two-signal sweep: crop when confidence < c and the question map's peak-to-mean >= t,
+#: without and with arbitration (keep the crop answer only when its confidence beats the plain one's)
+PAIR_CONFIDENCE = (0.3, 0.4, 0.5, 0.6, 0.7)
+PAIR_MAP = (1, 8, 12, 15, 20)
+#: the gate's settings that crop every sample (ViCrop rel-att's answer and its confidence)
+ALWAYS = {"gate": "1", "gate_confidence": "none", "gate_arbitrate": "false"}
+
+
+def gated_answer(s: dict[str, np.ndarray], crop: np.ndarray, arbitrate: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(correct, cropped) per sample of the gated answer for the crop decisions ``crop``."""
+    keep = crop & (s["crop_confidence"] > s["confidence"]) if arbitrate else crop
+    return np.where(keep, s["ok_vicrop"], s["ok_plain"]), crop
 
 
 def plain_signals(mllm: Any, images: list[Any], questions: list[str], batch_size: int = 16) -> dict[str, np.ndarray]:
@@ -122,7 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         samples = world.eval_samples("read", args.n, args.seed + i, size_class=size)
         images, questions = [s.image for s in samples], [s.question for s in samples]
         signals = plain_signals(mllm, images, questions)
-        vicrop = mllm.answer_batch(images, questions, methods=["vicrop-rel-att"], max_new_tokens=6, batch_size=16)
+        # ViCrop rel-att's answers through the gate set to always crop (the same answers:
+        # tests/look/test_gate.py), which also reports each crop answer's first-token probability
+        vicrop = mllm.answer_batch(images, questions, methods=["vicrop-gated"], max_new_tokens=6, batch_size=16,
+                                   settings={"vicrop": ALWAYS})
+        signals["crop_confidence"] = np.array([a.details["vicrop-gated"]["crop_confidence"] for a in vicrop])
         signals["ok_plain"] = np.array([is_correct("read", mllm.decode(ids), s.answer)
                                         for ids, s in zip(signals["ids"], samples)])
         signals["ok_vicrop"] = np.array([is_correct("read", a.text, s.answer) for a, s in zip(vicrop, samples)])
@@ -152,18 +165,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep = s["confidence"] < t if name == "confidence<" else s[name] >= t
                 cells += [f"{100 * np.where(keep, s['ok_vicrop'], s['ok_plain']).mean():.1f}", f"{100 * keep.mean():.0f}%"]
             print(f"| {t:g} | " + " | ".join(cells) + " |")
-    print("\n| confidence < \\ peak-to-mean >= | " + " | ".join(f"{t:g}" for t in PAIR_MAP) + " |")
-    print("|---|" + "---|" * len(PAIR_MAP))
+    for size in ("small", "large"):
+        s = per_set[size]
+        wins = s["crop_confidence"] > s["confidence"]
+        print(f"\n{size}: crop answer more confident than plain on {100 * wins.mean():.0f}%; among those ViCrop "
+              f"right {100 * s['ok_vicrop'][wins].mean():.1f}, plain right {100 * s['ok_plain'][wins].mean():.1f}; "
+              f"elsewhere ViCrop right {100 * s['ok_vicrop'][~wins].mean():.1f}, plain {100 * s['ok_plain'][~wins].mean():.1f}")
+    print("\n| confidence < \\ peak-to-mean >= | arbitration | " + " | ".join(f"{t:g}" for t in PAIR_MAP) + " |")
+    print("|---|---|" + "---|" * len(PAIR_MAP))
     for c in PAIR_CONFIDENCE:  # each cell: small acc / small cropped, large acc / large cropped
-        cells = []
-        for t in PAIR_MAP:
-            parts = []
-            for size in ("small", "large"):
-                s = per_set[size]
-                keep = (s["confidence"] < c) & (s["peak-to-mean"] >= t)
-                parts.append(f"{100 * np.where(keep, s['ok_vicrop'], s['ok_plain']).mean():.1f}/{100 * keep.mean():.0f}%")
-            cells.append(", ".join(parts))
-        print(f"| {c:g} | " + " | ".join(cells) + " |")
+        for arbitrate in (False, True):
+            cells = []
+            for t in PAIR_MAP:
+                parts = []
+                for size in ("small", "large"):
+                    s = per_set[size]
+                    ok, crop = gated_answer(s, (s["confidence"] < c) & (s["peak-to-mean"] >= t), arbitrate)
+                    parts.append(f"{100 * ok.mean():.1f}/{100 * crop.mean():.0f}%")
+                cells.append(", ".join(parts))
+            print(f"| {c:g} | {'yes' if arbitrate else 'no'} | " + " | ".join(cells) + " |")
     return 0
 
 
