@@ -13,9 +13,11 @@ answers with those thresholds (``tests/look/test_gate.py`` checks that identity 
 
 ``--post-map`` adds the earlier post-map gate (peak-to-mean of the full rel-att map) for comparison.
 ``--time`` instead times plain, ``vicrop-rel-att`` and ``vicrop-gated`` (its preset) per set,
-interleaved chunk by chunk (16 scenes) in this one process, with each run's accuracy and crop rate:
+interleaved chunk by chunk (``--batch`` scenes, 16 as the demo, 1 for the cost per scene) in this
+one process, with each run's accuracy and crop rate:
 
-    python benchmarks/bench_gate.py --seed 20262121 --n 200 --time   # the cost per set in BENCHMARKS.md
+    python benchmarks/bench_gate.py --seed 20262121 --n 200 --time              # the demo's batch size
+    python benchmarks/bench_gate.py --seed 20262121 --n 200 --time --batch 1    # per scene
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--post-map", action="store_true", help="also sweep the post-map gate (full rel-att maps)")
     p.add_argument("--time", action="store_true", help="time plain, vicrop-rel-att and vicrop-gated per set")
+    p.add_argument("--batch", type=int, default=16,
+                   help="--time: scenes per answer_batch call and per interleaved chunk (16: the demo's; 1: per scene)")
     args = p.parse_args(argv)
 
     import innersight
@@ -124,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mllm = innersight.load("micro")
     world = World(WorldConfig())
     if args.time:
-        time_runs(mllm, world, args.n, args.seed)
+        time_runs(mllm, world, args.n, args.seed, chunk=args.batch)
         return 0
     per_set: dict[str, dict[str, np.ndarray]] = {}
     for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
