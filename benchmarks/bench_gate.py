@@ -12,7 +12,8 @@ answers with those thresholds (``tests/look/test_gate.py`` checks that identity 
     python benchmarks/bench_gate.py --seed 20262121 --n 200    # held-out sweep in BENCHMARKS.md
 
 ``--post-map`` adds the earlier post-map gate (peak-to-mean of the full rel-att map) for comparison.
-``--time`` instead times plain, ``vicrop-rel-att`` and ``vicrop-gated`` (its preset) per set,
+``--time`` instead times plain, ``vicrop-rel-att`` and ``vicrop-gated`` (its preset) per set in CPU
+seconds (one torch thread: the work done, unlike wall time on a shared machine),
 interleaved chunk by chunk (``--batch`` scenes, 16 as the demo, 1 for the cost per scene) in this
 one process, with each run's accuracy and crop rate:
 
@@ -80,32 +81,39 @@ RUNS = ("plain", "vicrop-rel-att", "vicrop-gated")
 
 
 def time_runs(mllm: Any, world: Any, n: int, seed: int, chunk: int = 16) -> None:
-    """Seconds per answer, accuracy and crop rate of each run on each reading set (interleaved)."""
+    """Seconds per answer (CPU and wall), accuracy and crop rate of each run on each reading set,
+    the runs interleaved ``chunk`` scenes at a time.
+
+    The cost is the process's CPU seconds (``time.process_time``; run with one torch thread,
+    ``--threads 1``, it is the work done, whatever else runs on the machine); wall seconds are
+    printed beside it but on a shared machine they follow the other jobs' load."""
     import time
 
     from innersight.demo.run import is_correct
 
-    print("| set | " + " | ".join(f"{r} s/answer" for r in RUNS) + " | gated / plain | "
+    print("| set | " + " | ".join(f"{r} CPU s/answer" for r in RUNS) + " | gated / plain (CPU) | gated / plain (wall) | "
           + " | ".join(f"{r} acc" for r in RUNS) + " | gated cropped |")
-    print("|---|" + "---|" * (2 * len(RUNS) + 2))
+    print("|---|" + "---|" * (2 * len(RUNS) + 3))
     for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
         samples = world.eval_samples("read", n, seed + i, size_class=size)
-        seconds = dict.fromkeys(RUNS, 0.0)
+        cpu, wall = dict.fromkeys(RUNS, 0.0), dict.fromkeys(RUNS, 0.0)
         correct = {r: 0 for r in RUNS}
         cropped = 0
         for start in range(0, n, chunk):
             part = samples[start:start + chunk]
             images, questions = [s.image for s in part], [s.question for s in part]
             for run in RUNS:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 answers = mllm.answer_batch(images, questions, methods=[] if run == "plain" else [run],
                                             max_new_tokens=6, batch_size=chunk)
-                seconds[run] += time.perf_counter() - t0
+                cpu[run] += time.process_time() - c0
+                wall[run] += time.perf_counter() - t0
                 correct[run] += sum(is_correct("read", a.text, s.answer) for a, s in zip(answers, part))
                 if run == "vicrop-gated":
                     cropped += sum(bool(a.details[run]["cropped"]) for a in answers)
-        per = {r: seconds[r] / n for r in RUNS}
-        print(f"| {size} | " + " | ".join(f"{per[r]:.3f}" for r in RUNS) + f" | {per['vicrop-gated'] / per['plain']:.2f} | "
+        per = {r: cpu[r] / n for r in RUNS}
+        print(f"| {size} | " + " | ".join(f"{per[r]:.4f}" for r in RUNS)
+              + f" | {per['vicrop-gated'] / per['plain']:.2f} | {wall['vicrop-gated'] / wall['plain']:.2f} | "
               + " | ".join(f"{100 * correct[r] / n:.1f}" for r in RUNS) + f" | {100 * cropped / n:.0f}% |")
 
 
@@ -117,7 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--time", action="store_true", help="time plain, vicrop-rel-att and vicrop-gated per set")
     p.add_argument("--batch", type=int, default=16,
                    help="--time: scenes per answer_batch call and per interleaved chunk (16: the demo's; 1: per scene)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: 1 with --time, so that CPU seconds measure the work; else torch's)")
     args = p.parse_args(argv)
+    if args.time or args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads or 1)
 
     import innersight
     from innersight.demo.run import is_correct

@@ -32,10 +32,28 @@ Signals (the statistics of the maps themselves and of the answer, each documente
   grad-att differentiates the same quantity's logarithm (arXiv 2502.17422, Sec. 3.2).
 
 Rule: crop when the map statistic reaches ``gate`` (None: the map does not decide) **and** the
-confidence is below ``gate_confidence`` (None: the confidence does not decide); both None is the
-paper's ViCrop, always cropping. Thresholds depend on the model and the map's resolution; the
-preset's values were calibrated on the micro model with the demo seed only (BENCHMARKS.md,
-"ViCrop crop gate"); recalibrate with ``benchmarks/bench_gate.py`` for another model.
+confidence is below ``gate_confidence`` (None: the confidence does not decide); both None (and no
+arbitration) is the paper's ViCrop, always cropping. Thresholds depend on the model and the map's
+resolution; recalibrate with ``benchmarks/bench_gate.py`` for another model.
+
+The preset (:data:`MICRO_THRESHOLD`, :data:`MICRO_CONFIDENCE`) was chosen on the micro model with
+the demo seed 20261121 only (200 + 200 scenes; BENCHMARKS.md, "ViCrop crop gate") by a rule fixed
+before looking: the highest small-symbol accuracy among the settings whose large-symbol accuracy
+is at least plain's **and** whose large-symbol crop rate is at most 6 %. The 6 % is the cost
+budget: a cropped scene costs about 3.5 plain scenes answered one at a time and about 4 plain rows
+(plus a fixed share of a chunk) in a batch of 16 (one map pass and a second generate with two
+images; see the section), so the cost stays near 1.3x plain only if few large-symbol questions
+crop. Peak-to-mean >= 20 with confidence < 0.6 met it (small 69.0 / large 84.0 vs plain 50.5 /
+83.5, 6 % of large scenes cropped); the earlier early gate (peak-to-mean >= 12) cropped 18 %.
+
+**Arbitration** (``gate_arbitrate``, off in the preset): where the gate crops, keep ViCrop's answer
+only when its first-token probability is above the plain answer's (:func:`keeps_crop_answer`;
+the same maximum-softmax-probability signal, compared between the two answers to one question).
+Studied on the demo seed and not adopted: on large symbols the crop answer is the more confident
+one on 44 % of scenes, where ViCrop and the plain answer are right equally often (80.5 %), so
+the comparison does not tell the better answer apart; on small symbols it rejects some of
+ViCrop's fixes (-1 point at every threshold). Where it is on, the image-only path (:func:`apply_rows`)
+reads the crop's confidence from one forward, so both paths decide alike.
 
 **The post-map gate** (``gate_map = "rel-att"``, the earlier design, kept reachable): the full
 rel-att map is computed for every sample and the crop kept when its statistic reaches ``gate``;
@@ -52,7 +70,7 @@ import numpy as np
 import torch
 
 #: the ``vicrop-gated`` preset (micro model, 64-cell maps, demo seed 20261121; BENCHMARKS.md):
-#: crop when the question map's peak-to-mean reaches this ...
+#: crop when the question map's peak-to-mean reaches this (the earlier early gate: 12) ...
 MICRO_THRESHOLD = 20.0
 #: ... and the plain answer's first-token probability is below this
 MICRO_CONFIDENCE = 0.6
