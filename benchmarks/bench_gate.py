@@ -8,8 +8,8 @@ answer token's probability (confidence); and ViCrop rel-att's answer. The gated 
 threshold is ViCrop's where the gate crops and the plain answer elsewhere: what ``vicrop-gated``
 answers with those thresholds (``tests/look/test_gate.py`` checks that identity on the model).
 
-    python benchmarks/bench_gate.py --seed 20261121 --n 64     # calibration (the demo seed)
-    python benchmarks/bench_gate.py --seed 20262121 --n 200    # held-out sweep in BENCHMARKS.md
+    python benchmarks/bench_gate.py --seed 20261121 --n 200    # calibration (the demo seed)
+    python benchmarks/bench_gate.py --seed 20262121 --n 200    # held-out sweep (not used to choose)
 
 ``--post-map`` adds the earlier post-map gate (peak-to-mean of the full rel-att map) for comparison.
 ``--time`` instead times plain, ``vicrop-rel-att`` and ``vicrop-gated`` (its preset) per set in CPU
@@ -80,7 +80,8 @@ def plain_signals(mllm: Any, images: list[Any], questions: list[str], batch_size
 RUNS = ("plain", "vicrop-rel-att", "vicrop-gated")
 
 
-def time_runs(mllm: Any, world: Any, n: int, seed: int, chunk: int = 16) -> None:
+def time_runs(mllm: Any, world: Any, n: int, seed: int, chunk: int = 16,
+              settings: dict[str, dict[str, str]] | None = None) -> None:
     """Seconds per answer (CPU and wall), accuracy and crop rate of each run on each reading set,
     the runs interleaved ``chunk`` scenes at a time.
 
@@ -105,6 +106,7 @@ def time_runs(mllm: Any, world: Any, n: int, seed: int, chunk: int = 16) -> None
             for run in RUNS:
                 c0, t0 = time.process_time(), time.perf_counter()
                 answers = mllm.answer_batch(images, questions, methods=[] if run == "plain" else [run],
+                                            settings=settings if run == "vicrop-gated" else None,
                                             max_new_tokens=6, batch_size=chunk)
                 cpu[run] += time.process_time() - c0
                 wall[run] += time.perf_counter() - t0
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--time", action="store_true", help="time plain, vicrop-rel-att and vicrop-gated per set")
     p.add_argument("--batch", type=int, default=16,
                    help="--time: scenes per answer_batch call and per interleaved chunk (16: the demo's; 1: per scene)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="--time: a vicrop setting for the vicrop-gated run (e.g. gate_confidence=0.6; default: its preset)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: 1 with --time, so that CPU seconds measure the work; else torch's)")
     args = p.parse_args(argv)
@@ -142,7 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mllm = innersight.load("micro")
     world = World(WorldConfig())
     if args.time:
-        time_runs(mllm, world, args.n, args.seed, chunk=args.batch)
+        settings = dict(item.split("=", 1) for item in args.settings)
+        time_runs(mllm, world, args.n, args.seed, chunk=args.batch, settings={"vicrop": settings} if settings else None)
         return 0
     per_set: dict[str, dict[str, np.ndarray]] = {}
     for i, size in enumerate(["small", "large"]):  # the demo draws set i with seed + i
