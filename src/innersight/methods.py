@@ -219,7 +219,7 @@ _method("vicrop-gated", "input", "innersight.look.vicrop:ViCrop",
         "ViCrop rel-att behind an early crop gate: answer plainly, crop only where the question map is peaked and "
         "the answer unsure (micro-calibrated)",
         "arXiv 2502.17422 (ICLR 2025) + innersight gate", key="vicrop", preset=(("variant", "rel-att"),),
-        defaults=(("gate", 12.0), ("gate_confidence", 0.6)))
+        defaults=(("gate", 20.0), ("gate_confidence", 0.4)))
 _method("var", "attention", "innersight.attend.var:VAR",
         "VAR: move attention from sink tokens to the other image tokens in image-centric heads",
         "arXiv 2503.03321 (ICLR 2025)")

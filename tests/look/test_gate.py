@@ -62,6 +62,12 @@ def test_decide_table():
     assert decide(None, None, None, None)  # no threshold: always crop (the paper)
 
 
+def test_keeps_crop_answer_table():
+    assert G.keeps_crop_answer(0.9, 0.1, False)  # no arbitration: ViCrop's answer always
+    assert G.keeps_crop_answer(0.4, 0.5, True) and not G.keeps_crop_answer(0.5, 0.4, True)
+    assert not G.keeps_crop_answer(0.5, 0.5, True)  # a tie keeps the plain answer
+
+
 def test_config_checks_and_preset():
     with pytest.raises(MethodError, match="peak-to-mean"):
         ViCropConfig(gate=0.5)
@@ -77,6 +83,14 @@ def test_config_checks_and_preset():
         ViCropConfig(gate_confidence=1.5)
     with pytest.raises(MethodError, match="rel-att variant"):
         ViCropConfig(variant="grad-att", gate=5.0)
+    with pytest.raises(MethodError, match="rel-att variant"):
+        ViCropConfig(variant="grad-att", gate_arbitrate=True)
+    with pytest.raises(MethodError, match="gate_arbitrate"):
+        ViCropConfig(gate_map="rel-att", gate_arbitrate=True)
+    # the paper's ViCrop: no gate, no arbitration, not the early path
+    paper = ViCropConfig()
+    assert paper.gate is None and paper.gate_confidence is None and not paper.gate_arbitrate
+    assert not G.early_gate(paper) and G.early_gate(ViCropConfig(gate_arbitrate=True))
     spec = METHODS["vicrop-gated"]
     # the name fixes the variant; the thresholds are its defaults, which --set may change
     assert dict(spec.preset) == {"variant": "rel-att"}
@@ -85,6 +99,7 @@ def test_config_checks_and_preset():
     assert method.config.gate == 5.0 and method.config.variant == "rel-att" and method.config.gate_map == "question"
     plain_vicrop = resolve_methods(["vicrop-rel-att"]).objects[0].config
     assert plain_vicrop.gate is None and plain_vicrop.gate_confidence is None and not G.early_gate(plain_vicrop)
+    assert not plain_vicrop.gate_arbitrate
 
 
 # ---------------------------------------------------------------------- on a tiny model
@@ -197,11 +212,91 @@ def test_mixed_decisions_batch_equals_one_by_one(mllm):
     assert [e["details"]["vicrop-gated"]["cropped"] for e in extras] == decisions
 
 
-@pytest.mark.parametrize("gate", ["1", "1e9"])
-def test_restored_after_exit_and_exception(mllm, gate):
+ARBITRATED = {"vicrop": {"gate": "1", "gate_confidence": "none", "gate_arbitrate": "true"}}
+
+
+def _first_token_probability(mllm, image_lists, questions):
+    """Oracle: the largest softmax probability at the last prompt position, one row at a time."""
+    out = []
+    for ims, q in zip(image_lists, questions):
+        batch = mllm.prepare([ims], [q])
+        with torch.no_grad():
+            logits = mllm.model(**batch.inputs).logits[0, -1].float()
+        out.append(float(torch.softmax(logits, -1).max()))
+    return out
+
+
+def test_arbitration_keeps_the_more_confident_answer(mllm):
+    """Every sample is cropped; each answer is ViCrop's where its first-token probability (checked
+    against a forward on ViCrop's own images) beats the plain answer's, else the plain answer."""
+    plain, vicrop = _ask(mllm, []), _ask(mllm, ["vicrop-rel-att"])
+    arbitrated = _ask(mllm, ["vicrop-gated"], ARBITRATED)
+    crop_lists = [[_scene(s), v.crop] for s, v in enumerate(vicrop)]
+    oracle = _first_token_probability(mllm, crop_lists, QUESTIONS)
+    for a, p, v, o in zip(arbitrated, plain, vicrop, oracle):
+        report = a.details["vicrop-gated"]
+        assert report["cropped"]
+        assert report["crop_confidence"] == pytest.approx(o, rel=1e-4)
+        assert report["kept"] == (report["crop_confidence"] > report["confidence"])
+        assert a.token_ids == (v.token_ids if report["kept"] else p.token_ids)
+        assert a.prompt == (v.prompt if report["kept"] else p.prompt)
+        assert a.box == (v.box if report["kept"] else None)
+        if not report["kept"]:  # the rejected crop's map and box are still reported
+            assert report["crop_box"] == list(v.box) and a.crop is None
+            np.testing.assert_array_equal(a.maps["importance"], v.maps["importance"])
+    # without arbitration the same crops are all kept, with their confidences reported
+    always = _ask(mllm, ["vicrop-gated"], {"vicrop": {"gate": "1", "gate_confidence": "none"}})
+    assert all(a.details["vicrop-gated"]["kept"] for a in always)
+    assert [a.details["vicrop-gated"]["crop_confidence"] for a in always] == pytest.approx(
+        [a.details["vicrop-gated"]["crop_confidence"] for a in arbitrated], rel=1e-5)
+
+
+def test_arbitration_both_branches_batch_equals_one_by_one(mllm, monkeypatch):
+    """Arbitration forced to alternate (keep, reject, ...) in call order: the rejected rows are
+    the plain answers, the kept ones ViCrop's, batched as one by one; the image-only path agrees."""
+    def alternating():
+        calls = {"n": 0}
+
+        def keep(plain_confidence, crop_confidence, arbitrate):
+            calls["n"] += 1
+            return calls["n"] % 2 == 1
+
+        return keep
+
+    plain, vicrop = _ask(mllm, []), _ask(mllm, ["vicrop-rel-att"])
+    monkeypatch.setattr(G, "keeps_crop_answer", alternating())
+    batched = _ask(mllm, ["vicrop-gated"], ARBITRATED, batch_size=4)
+    monkeypatch.setattr(G, "keeps_crop_answer", alternating())
+    single = _ask(mllm, ["vicrop-gated"], ARBITRATED, batch_size=1)
+    kept = [a.details["vicrop-gated"]["kept"] for a in batched]
+    assert kept == [True, False, True, False] == [a.details["vicrop-gated"]["kept"] for a in single]
+    for a, b, p, v, k in zip(batched, single, plain, vicrop, kept):
+        assert a.token_ids == b.token_ids == (v.token_ids if k else p.token_ids)
+    monkeypatch.setattr(G, "keeps_crop_answer", alternating())
+    method = resolve_methods(["vicrop-gated"], ARBITRATED).objects[0]
+    lists, extras = method.apply(mllm, [[_scene(s)] for s in range(4)], QUESTIONS, "chat")
+    assert [len(ims) == 2 for ims in lists] == kept
+    assert [e["details"]["vicrop-gated"]["kept"] for e in extras] == kept
+
+
+def test_arbitration_image_only_path_uses_the_same_rule(mllm):
+    """The likelihood protocols' path (no generate) arbitrates with one forward on the crop: its
+    decisions equal the generated path's."""
+    answers = _ask(mllm, ["vicrop-gated"], ARBITRATED)
+    method = resolve_methods(["vicrop-gated"], ARBITRATED).objects[0]
+    lists, extras = method.apply(mllm, [[_scene(s)] for s in range(4)], QUESTIONS, "chat")
+    kept = [a.details["vicrop-gated"]["kept"] for a in answers]
+    assert [len(ims) == 2 for ims in lists] == kept
+    for e, a in zip(extras, answers):
+        assert e["details"]["vicrop-gated"]["crop_confidence"] == pytest.approx(
+            a.details["vicrop-gated"]["crop_confidence"], rel=1e-4)
+
+
+@pytest.mark.parametrize("settings", [{"gate": "1"}, {"gate": "1e9"}, ARBITRATED["vicrop"]])
+def test_restored_after_exit_and_exception(mllm, settings):
     from innersight.testing.steps import assert_restored_after_exit_and_exception
 
-    assert_restored_after_exit_and_exception(mllm, _scene(9), "vicrop-gated", {"vicrop": {"gate": gate}},
+    assert_restored_after_exit_and_exception(mllm, _scene(9), "vicrop-gated", {"vicrop": settings},
                                              attention=True)
 
 
@@ -236,5 +331,6 @@ def test_gate_on_the_micro_model():
     for a, v, p in zip(gated, vicrop, plain):
         report = a.details["vicrop-gated"]
         crop = report["gate_value"] >= G.MICRO_THRESHOLD and report["confidence"] < G.MICRO_CONFIDENCE
-        assert report["cropped"] == crop
+        assert report["cropped"] == crop == report["kept"]  # the preset does not arbitrate
+        assert (report["crop_confidence"] is not None) == crop
         assert a.token_ids == (v.token_ids if crop else p.token_ids)

@@ -32,10 +32,34 @@ Signals (the statistics of the maps themselves and of the answer, each documente
   grad-att differentiates the same quantity's logarithm (arXiv 2502.17422, Sec. 3.2).
 
 Rule: crop when the map statistic reaches ``gate`` (None: the map does not decide) **and** the
-confidence is below ``gate_confidence`` (None: the confidence does not decide); both None is the
-paper's ViCrop, always cropping. Thresholds depend on the model and the map's resolution; the
-preset's values were calibrated on the micro model with the demo seed only (BENCHMARKS.md,
-"ViCrop crop gate"); recalibrate with ``benchmarks/bench_gate.py`` for another model.
+confidence is below ``gate_confidence`` (None: the confidence does not decide); both None (and no
+arbitration) is the paper's ViCrop, always cropping. Thresholds depend on the model and the map's
+resolution; recalibrate with ``benchmarks/bench_gate.py`` for another model.
+
+The preset (:data:`MICRO_THRESHOLD`, :data:`MICRO_CONFIDENCE`) was chosen on the micro model with
+the demo seed 20261121 only (200 + 200 scenes; BENCHMARKS.md, "ViCrop crop gate") by the rule: the
+highest small-symbol accuracy among the settings whose large-symbol accuracy is at least plain's
+**and** whose large-symbol crop rate is at most 3 %. The 3 % is the cost budget, from the cost of
+the crop path measured in CPU seconds (one thread) on the demo seed's large set: a chunk of 16
+plain scenes costs about 150 ms, the gate's capture about 10 ms more, and ViCrop on the k cropped
+rows of a chunk about 32 ms + 20 ms per row (one map pass and a second generate with two images;
+per scene, a cropped scene costs about 3.4 plain ones). With a crop rate r the expected cost of a
+chunk is then 150 + 10 + (1 - (1 - r)^16) * 32 + 16 r * 20 ms: 1.21x plain at r = 3 %, 1.29x at
+5 %, 1.36x at 7 %. Peak-to-mean >= 20 with confidence < 0.4 met the rule (calibration: small 64.5
+/ large 83.5 vs plain 50.5 / 83.5, 2 % of large scenes cropped). The first recalibration used a
+6 % budget from a cruder cost estimate (confidence < 0.6, peak-to-mean >= 20: small 69.0, large
+84.0, 6 % cropped); on the held-out seed it cost 1.51x plain at batch 16, above the target, and is
+kept reachable as ``--set vicrop.gate_confidence=0.6``; the early gate before it used peak-to-mean
+>= 12 (``--set vicrop.gate=12 vicrop.gate_confidence=0.6``).
+
+**Arbitration** (``gate_arbitrate``, off in the preset): where the gate crops, keep ViCrop's answer
+only when its first-token probability is above the plain answer's (:func:`keeps_crop_answer`;
+the same maximum-softmax-probability signal, compared between the two answers to one question).
+Studied on the demo seed and not adopted: on large symbols the crop answer is the more confident
+one on 44 % of scenes, where ViCrop and the plain answer are right equally often (80.5 %), so
+the comparison does not tell the better answer apart; on small symbols it rejects some of
+ViCrop's fixes (-1 point at every threshold). Where it is on, the image-only path (:func:`apply_rows`)
+reads the crop's confidence from one forward, so both paths decide alike.
 
 **The post-map gate** (``gate_map = "rel-att"``, the earlier design, kept reachable): the full
 rel-att map is computed for every sample and the crop kept when its statistic reaches ``gate``;
@@ -52,10 +76,10 @@ import numpy as np
 import torch
 
 #: the ``vicrop-gated`` preset (micro model, 64-cell maps, demo seed 20261121; BENCHMARKS.md):
-#: crop when the question map's peak-to-mean reaches this ...
-MICRO_THRESHOLD = 12.0
+#: crop when the question map's peak-to-mean reaches this (the earlier early gate: 12) ...
+MICRO_THRESHOLD = 20.0
 #: ... and the plain answer's first-token probability is below this
-MICRO_CONFIDENCE = 0.6
+MICRO_CONFIDENCE = 0.4
 
 #: which map the gate reads: the plain prefill's question attention (early) or the full rel-att map
 GATE_MAPS = ("question", "rel-att")
@@ -168,7 +192,15 @@ class FirstStepConfidence:
 # ---------------------------------------------------------------------- the early gate's path
 def early_gate(config: Any) -> bool:
     """Whether ``config`` (a ViCropConfig) asks for the early gate (plain answer first)."""
-    return config.gate_map == "question" and (config.gate is not None or config.gate_confidence is not None)
+    return config.gate_map == "question" and (config.gate is not None or config.gate_confidence is not None
+                                              or bool(config.gate_arbitrate))
+
+
+def keeps_crop_answer(plain_confidence: float, crop_confidence: float, arbitrate: bool) -> bool:
+    """Arbitration after cropping: whether the crop's answer replaces the plain one. Without
+    arbitration always; with it only when the crop answer's first-token probability is strictly
+    above the plain answer's (a tie keeps the plain answer, which costs nothing more)."""
+    return not arbitrate or crop_confidence > plain_confidence
 
 
 def question_maps(project: Any, batch: Any, probs: torch.Tensor) -> list[np.ndarray]:
@@ -179,10 +211,27 @@ def question_maps(project: Any, batch: Any, probs: torch.Tensor) -> list[np.ndar
     return [project(mean[b], batch, b)[0] for b in range(len(batch))]
 
 
-def gate_report(config: Any, qmap: np.ndarray, confidence: float | None, crop: bool) -> dict[str, Any]:
-    """What the gate saw and decided for one sample (the answer's details)."""
+def gate_report(config: Any, qmap: np.ndarray, confidence: float | None, crop: bool,
+                crop_confidence: float | None = None, kept: bool | None = None) -> dict[str, Any]:
+    """What the gate saw and decided for one sample (the answer's details): ``cropped``, whether
+    ViCrop ran on it; ``crop_confidence``, its answer's first-token probability (None: no crop, or
+    no generated answer); ``kept``, whether its crop is in the answer (False where the gate did not
+    crop or arbitration kept the plain answer)."""
     return {"gate_map": config.gate_map, "gate_statistic": config.gate_statistic,
-            "gate_value": STATISTICS[config.gate_statistic](qmap), "confidence": confidence, "cropped": crop}
+            "gate_value": STATISTICS[config.gate_statistic](qmap), "confidence": confidence, "cropped": crop,
+            "crop_confidence": crop_confidence, "kept": crop if kept is None else kept}
+
+
+def plain_extras(method: Any, qmap: np.ndarray, report: dict[str, Any],
+                 rejected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sample's extras where its answer is the plain one: no box, no crop; where arbitration
+    rejected a crop, ``rejected`` (ViCrop's extras) still gives its maps and its box (``crop_box``)."""
+    details = {"variant": method.config.variant, "box": None, **report}
+    maps = {"question": qmap}
+    if rejected is not None:
+        maps = {**rejected["maps"], "question": qmap}
+        details["crop_box"] = rejected["details"][method.name]["box"]
+    return {"box": None, "crop": None, "maps": maps, "details": {method.name: details}}
 
 
 def decisions(config: Any, maps: list[np.ndarray], confidences: list[float | None]) -> list[bool]:
@@ -214,19 +263,23 @@ def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions:
     crop = decisions(config, maps, confidences)
     ids, prompts = list(plain.ids), list(plain.batch.prompts)
     details = dict(plain.details)
-    extras: list[dict[str, Any]] = [
-        {"box": None, "crop": None, "maps": {"question": m},
-         "details": {method.name: {"variant": config.variant, "box": None, **gate_report(config, m, c, False)}}}
-        for m, c in zip(maps, confidences)]
+    extras = [plain_extras(method, m, gate_report(config, m, c, False)) for m, c in zip(maps, confidences)]
     chosen = [i for i, k in enumerate(crop) if k]
-    if chosen:
+    if chosen:  # ViCrop on the cropped rows only: one map pass and one generate for k rows
         lists, more = method.crop_rows([image_lists[i] for i in chosen], [questions[i] for i in chosen], mllm, template)
-        second = generate(lists, [questions[i] for i in chosen])
+        observed = FirstStepConfidence()
+        second = generate(lists, [questions[i] for i in chosen], observers=[observed])
+        assert observed.values is not None
         details.update(second.details)
-        for j, i in enumerate(chosen):
+        for j, (i, crop_confidence) in enumerate(zip(chosen, observed.values.tolist())):
+            keep = keeps_crop_answer(confidences[i], crop_confidence, config.gate_arbitrate)
+            report = gate_report(config, maps[i], confidences[i], True, crop_confidence, keep)
+            if not keep:  # arbitration: the plain answer stands
+                extras[i] = plain_extras(method, maps[i], report, rejected=more[j])
+                continue
             ids[i], prompts[i] = second.ids[j], second.batch.prompts[j]
             more[j]["maps"]["question"] = maps[i]
-            more[j]["details"][method.name].update(gate_report(config, maps[i], confidences[i], True))
+            more[j]["details"][method.name].update(report)
             extras[i] = more[j]
     return ids, prompts, extras, details
 
@@ -255,6 +308,17 @@ def forward_decisions(method: Any, mllm: Any, image_lists: list[list[Any]], ques
     return decisions(config, maps, confidences), maps, confidences
 
 
+def forward_confidences(mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str) -> list[float]:
+    """The first answer token's probability (largest softmax probability at the last prompt
+    position) of each row, from one plain forward: what ``generate``'s first step would pick with."""
+    from ..generation_calls import last_logits_kwargs
+
+    batch = mllm.prepare(image_lists, questions, template=template)
+    with torch.inference_mode():
+        logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
+    return torch.softmax(logits[:, -1].float(), dim=-1).max(dim=-1).values.tolist()  # [B]
+
+
 def apply_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions: list[str],
                template: str) -> tuple[list[list[Any]], list[dict[str, Any]]]:
     """The early gate for callers that only change the images (:meth:`ViCrop.apply`): decided
@@ -262,17 +326,22 @@ def apply_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions: 
     config = method.config
     crop, maps, confidences = forward_decisions(method, mllm, image_lists, questions, template)
     lists = [list(ims) for ims in image_lists]
-    extras: list[dict[str, Any]] = [
-        {"box": None, "crop": None, "maps": {"question": m},
-         "details": {method.name: {"variant": config.variant, "box": None, **gate_report(config, m, c, False)}}}
-        for m, c in zip(maps, confidences)]
+    extras = [plain_extras(method, m, gate_report(config, m, c, False)) for m, c in zip(maps, confidences)]
     chosen = [i for i, k in enumerate(crop) if k]
     if chosen:
-        more_lists, more = method.crop_rows([image_lists[i] for i in chosen], [questions[i] for i in chosen],
-                                            mllm, template)
-        for j, i in enumerate(chosen):
+        texts = [questions[i] for i in chosen]
+        more_lists, more = method.crop_rows([image_lists[i] for i in chosen], texts, mllm, template)
+        # arbitration reads the crop's first-token probability from one forward (no answer here)
+        crop_confidences: list[float | None] = (forward_confidences(mllm, more_lists, texts, template)
+                                                if config.gate_arbitrate else [None] * len(chosen))
+        for j, (i, crop_confidence) in enumerate(zip(chosen, crop_confidences)):
+            keep = crop_confidence is None or keeps_crop_answer(confidences[i], crop_confidence, True)
+            report = gate_report(config, maps[i], confidences[i], True, crop_confidence, keep)
+            if not keep:
+                extras[i] = plain_extras(method, maps[i], report, rejected=more[j])
+                continue
             lists[i] = more_lists[j]
             more[j]["maps"]["question"] = maps[i]
-            more[j]["details"][method.name].update(gate_report(config, maps[i], confidences[i], True))
+            more[j]["details"][method.name].update(report)
             extras[i] = more[j]
     return lists, extras

@@ -99,6 +99,10 @@ class ViCropConfig:
     #: (None: the confidence does not decide)
     gate_confidence: float | None = field(default=None, metadata={
         "source": "max softmax probability, Hendrycks & Gimpel arXiv 1610.02136"})
+    #: early gate only: where the gate crops, keep ViCrop's answer only when its first-token
+    #: probability exceeds the plain answer's, else the plain answer stands (False: always keep it)
+    gate_arbitrate: bool = field(default=False, metadata={
+        "source": "max softmax probability, Hendrycks & Gimpel arXiv 1610.02136 (look/gate.py)"})
     #: rel-att: encode each image and the prompt prefix its two rows share once (vision pass and
     #: decoder prefix run for one row, the question and generic rows continue from its KV cache;
     #: :mod:`innersight.look.prefix`); False, or a family it does not apply to: the joint batch
@@ -138,7 +142,10 @@ class ViCropConfig:
             raise MethodError("vicrop gate_confidence must be a probability in (0, 1] (or None)")
         if self.gate_confidence is not None and self.gate_map != "question":
             raise MethodError("vicrop gate_confidence needs the plain answer: gate_map must be 'question'")
-        if self.variant != "rel-att" and (self.gate is not None or self.gate_confidence is not None):
+        if self.gate_arbitrate and self.gate_map != "question":
+            raise MethodError("vicrop gate_arbitrate compares with the plain answer: gate_map must be 'question'")
+        if self.variant != "rel-att" and (self.gate is not None or self.gate_confidence is not None
+                                          or self.gate_arbitrate):
             # the gate's map is rel-att's layer and projection (and the post-map gate reads rel-att maps)
             raise MethodError("the vicrop crop gate is defined for the rel-att variant only")
 
