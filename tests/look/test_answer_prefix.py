@@ -280,3 +280,19 @@ def test_llava_next_same_image_inputs_ignores_tile_padding(tiny_mllm):
                                          {"pixel_values": changed, "image_sizes": sizes})
     assert not adapter.same_image_inputs({"pixel_values": pixels, "image_sizes": sizes},
                                          {"pixel_values": padded, "image_sizes": torch.tensor([[61, 90]])})
+
+
+@pytest.mark.parametrize("family", REUSING)
+def test_post_map_gate_without_a_crop_continues_from_the_prefix(tiny_mllm, monkeypatch, family):
+    """The post-map gate may drop the crop: the answer has the original image only, and its
+    remaining tokens (the question) carry no image inputs."""
+    mllm = tiny_mllm(family)
+    image = _scene(seed=17)
+    settings = {"vicrop-rel-att": {"layer": 1, "gate_map": "rel-att", "gate": 1e9}}
+    reused, reused_scores = _answer(mllm, image, settings=settings)
+    assert reused.details["vicrop-rel-att"]["cropped"] is False
+    assert reused.details["vicrop-rel-att"]["answer_prefix"]["reused"] is True
+    _without_reuse(monkeypatch)
+    plain, plain_scores = _answer(mllm, image, settings=settings)
+    assert reused.token_ids == plain.token_ids
+    torch.testing.assert_close(reused_scores.steps[0], plain_scores.steps[0], rtol=1e-4, atol=1e-5)
