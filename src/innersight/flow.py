@@ -48,8 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .methods import MethodSpec
     from .mllm import MLLM
 
-__all__ = ["Answer", "Generated", "ImageLike", "Plan", "PlanGenerate", "Continuation", "load_image_lists", "build_batch", "apply_input", "activate_attention",
-           "prepare_decoding", "decoding_generation", "merge_processors", "make_answers"]
+__all__ = ["Answer", "Generated", "ImageLike", "Plan", "PlanGenerate", "Continuation", "load_image_lists",
+           "build_batch", "apply_input", "activate_attention", "prepare_decoding", "decoding_generation", "merge_processors", "make_answers"]
 
 
 # ---------------------------------------------------------------------- what goes in and what comes out
@@ -227,7 +227,6 @@ class Plan:
                 ids = mllm.generate(continued.batch, **generation, **continued.generation)
                 continued.verify()
         return Generated(ids, batch, call_details(processors))
-
 
     def prefill_conflict(self, generation: dict[str, Any]) -> str | None:
         """Why a caller may not run the prompt's prefill itself and let ``generate`` continue from
