@@ -48,8 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .methods import MethodSpec
     from .mllm import MLLM
 
-__all__ = ["Answer", "Generated", "ImageLike", "Plan", "load_image_lists", "build_batch", "apply_input", "activate_attention",
-           "prepare_decoding", "decoding_generation", "merge_processors", "make_answers"]
+__all__ = ["Answer", "Generated", "ImageLike", "Plan", "PlanGenerate", "Continuation", "load_image_lists",
+           "build_batch", "apply_input", "activate_attention", "prepare_decoding", "decoding_generation", "merge_processors", "make_answers"]
 
 
 # ---------------------------------------------------------------------- what goes in and what comes out
@@ -193,9 +193,7 @@ class Plan:
         image_lists = load_image_lists(images)  # 1. the only normalisation of this answer
         answering = [m for m in self.input_methods if isinstance(m, AnswersRows)]
         if answering:  # an input method that generates through the plan itself (ViCrop's early gate)
-            def generate(lists: list[list[Any]], texts: list[str], observers: Sequence[Any] = ()) -> Generated:
-                return self.generate(mllm, lists, texts, template=template, generation=generation, observers=observers)
-
+            generate = PlanGenerate(self, mllm, template, generation)
             ids, prompts, extras, details = answering[0].answer_rows(mllm, image_lists, list(questions), template,
                                                                      generate)
             return make_answers(self, mllm, ids, questions, prompts, extras, details)
@@ -204,12 +202,18 @@ class Plan:
         return make_answers(self, mllm, out.ids, questions, out.batch.prompts, extras, out.details)  # 6.
 
     def generate(self, mllm: MLLM, image_lists: list[list[Any]], questions: Sequence[str], *, template: str,
-                 generation: dict[str, Any], observers: Sequence[Any] = ()) -> Generated:
+                 generation: dict[str, Any], observers: Sequence[Any] = (), start: Any = None) -> Generated:
         """Steps 3-5 for these (final) images: the batch, the attention methods active, the decoding
         methods' processors, ``generate``. ``observers`` are logits processors run after every other
         (the methods', then the caller's) that read the final scores and return them unchanged (e.g.
-        a confidence recorder)."""
+        a confidence recorder).
+
+        ``start(mllm, batch)``: a prefill the caller owns (ViCrop rel-att's answer from its capture's
+        prefix, :mod:`innersight.look.answer_prefix`), asked only when :meth:`prefill_conflict` is
+        None: it returns a :class:`Continuation` (``generate`` continues from its KV cache) or None
+        (the batch is generated as usual)."""
         batch = build_batch(mllm.adapter, image_lists, questions, template)
+        continued = start(mllm, batch) if start is not None and self.prefill_conflict(generation) is None else None
         with contextlib.ExitStack() as stack:
             activate_attention(stack, self, mllm, batch)  # 3.
             generation, processors = prepare_decoding(stack, self, mllm, batch, generation)  # 4.
@@ -217,8 +221,69 @@ class Plan:
                 merged = merge_processors(processors, generation.get("logits_processor"))
                 merged.extend(observers)
                 generation = {**generation, "logits_processor": merged}
-            ids = mllm.generate(batch, **generation)  # 5.
+            if continued is None:
+                ids = mllm.generate(batch, **generation)  # 5.
+            else:  # 5. from the caller's prefill: the prompt's ids and mask, its KV cache
+                ids = mllm.generate(continued.batch, **generation, **continued.generation)
+                continued.verify()
         return Generated(ids, batch, call_details(processors))
+
+    def prefill_conflict(self, generation: dict[str, Any]) -> str | None:
+        """Why a caller may not run the prompt's prefill itself and let ``generate`` continue from
+        its KV cache (:meth:`generate`'s ``start``), or None when it may: the plan's only method is
+        the one answering (no other method reads or changes the prefill: attention methods,
+        decoding methods' processors and negative branches run on the prefill too), and the
+        generation settings keep one row per sample with nothing but the prompt's ids
+        (:data:`CONTINUABLE_GENERATION`)."""
+        if len(self.objects) != 1:
+            return "other methods in the plan"
+        unsupported = sorted(k for k in generation if k not in CONTINUABLE_GENERATION)
+        if unsupported:
+            return f"generation settings {', '.join(unsupported)}"
+        return None
+
+
+#: the generation settings under which ``generate`` may continue from a prefilled KV cache with the
+#: same tokens as from the prompt: none of them adds rows (beams, several sequences), inputs or a
+#: cache of its own; the processors and stopping criteria read the ids and scores only
+CONTINUABLE_GENERATION = frozenset({
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "pad_token_id", "eos_token_id",
+    "bos_token_id", "logits_processor", "stopping_criteria", "renormalize_logits", "suppress_tokens"})
+
+
+@dataclass
+class Continuation:
+    """What :meth:`Plan.generate` hands ``generate`` when a caller's prefill ran (its ``start``):
+    the batch to continue (the prompt's ids and mask, no image inputs: they are in the cache),
+    the extra generation arguments (the KV cache under its name) and ``verify()``, which raises
+    when ``generate`` did not continue from that cache."""
+
+    batch: Batch
+    generation: dict[str, Any]
+    verify: Any
+
+
+@dataclass
+class PlanGenerate:
+    """The plan's steps 3-5 for an input method that generates itself (:class:`AnswersRows`):
+    ``generate(lists, texts, observers=(), start=None)`` is :meth:`Plan.generate` with the call's
+    template and generation settings; :attr:`prefill_conflict` says whether a ``start`` would be
+    used."""
+
+    plan: Plan
+    mllm: Any
+    template: str
+    generation: dict[str, Any]
+
+    def __call__(self, lists: list[list[Any]], texts: list[str], observers: Sequence[Any] = (),
+                 start: Any = None) -> Generated:
+        return self.plan.generate(self.mllm, lists, texts, template=self.template, generation=self.generation,
+                                  observers=observers, start=start)
+
+    @property
+    def prefill_conflict(self) -> str | None:
+        return self.plan.prefill_conflict(self.generation)
 
 
 # ---------------------------------------------------------------------- the steps, in order

@@ -139,6 +139,16 @@ class Batch:
         return len(self.prompts)
 
 
+def _equal_inputs(a: Any, b: Any) -> bool:
+    """Equal model inputs: tensors of the same shape and values, anything else by ``==``."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and torch.equal(a.cpu(), b.cpu()))
+    return bool(a == b)
+
+
 class Adapter(ABC):
     """Base class of the per-family adapters. Subclasses set the class variables and override
     the abstract methods; everything that is common to decoder-only LLM backbones lives here."""
@@ -613,6 +623,29 @@ class Adapter(ABC):
         tiles) overrides it."""
         images = sum(len(sizes) for sizes in batch.image_sizes[:n])
         return {k: v[:images] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
+
+    def split_image_inputs(self, batch: Batch, first: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The :attr:`prefix_image_inputs` of a one-sample ``batch`` split after its first
+        ``first`` images: (those images' inputs, the later images' inputs). A prompt whose first
+        images are already in a KV cache continues with the later images' inputs only (ViCrop
+        rel-att's answer from its capture's prefix, :mod:`innersight.look.answer_prefix`).
+
+        The base: one leading row per image in every input, as :meth:`sample_image_inputs`
+        assumes; None (no split: the caller runs the whole prompt) where the family shares no
+        prefix or the batch holds several samples. A family whose rows are not one per image
+        (tiles, one row per sample, per-sample counts) overrides it."""
+        if not self.prefix_image_inputs or len(batch) != 1:
+            return None
+        keys = [k for k in self.prefix_image_inputs if k in batch.inputs]
+        return ({k: batch.inputs[k][:first] for k in keys}, {k: batch.inputs[k][first:] for k in keys})
+
+    def same_image_inputs(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """Whether two sets of :attr:`prefix_image_inputs` (e.g. from :meth:`sample_image_inputs`
+        and :meth:`split_image_inputs` of two batches) give the language model the same image
+        features. The base: the same keys, every tensor equal (shape and values)."""
+        if set(a) != set(b):
+            return False
+        return all(_equal_inputs(a[k], b[k]) for k in a)
 
     def decoder_hidden_states(self, outputs: Any) -> tuple[torch.Tensor, ...]:
         """The decoder's ``hidden_states`` from a forward with ``output_hidden_states=True``:

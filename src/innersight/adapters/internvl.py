@@ -328,6 +328,10 @@ class InternVLAdapter(Adapter):
         images = sum(len(sizes) for sizes in batch.image_sizes[:n])
         return {"pixel_values": batch.inputs["pixel_values"][: self.tile_offset(batch, images)]}
 
+    def split_image_inputs(self, batch: Batch, first: int) -> None:
+        """None: not implemented for tile rows (the answer-prefix reuse runs the whole prompt)."""
+        return None
+
     # ------------------------------------------------------------------ vision facet
     # InternViT runs every tile of every image as one sequence ``[N_tiles, 1 + p*p, Dv]`` (CLS
     # first); its attention is a layer's ``attention`` (q_proj / k_proj / v_proj, with q_norm /

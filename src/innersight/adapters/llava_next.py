@@ -91,6 +91,13 @@ def _field(size: Any, key: str) -> Any:
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
+class _SizesOnly:
+    """A stand-in batch holding only ``image_sizes`` (:meth:`LlavaNextAdapter.tiles_per_image`)."""
+
+    def __init__(self, image_sizes: Any):
+        self.inputs = {"image_sizes": image_sizes}
+
+
 class LlavaNextAdapter(LlavaModules, Adapter):
     """Modules and llava-hf's prompt template as LLaVA-1.5 (the papers used the same template)."""
 
@@ -229,6 +236,26 @@ class LlavaNextAdapter(LlavaModules, Adapter):
         return [int(image_size_to_num_patches(image_size=size, grid_pinpoints=self.grid_pinpoints,
                                               patch_size=self.tile_size))
                 for size in batch.inputs["image_sizes"]]
+
+    def same_image_inputs(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        """As the base, except that ``pixel_values`` [N_images, max_tiles, 3, S, S] is padded with
+        tiles to the batch's largest image and the model keeps only each image's own tiles (by
+        ``image_sizes``): equal sizes and equal tiles up to the shorter padding are the same images."""
+        import torch
+
+        if set(a) != set(b) or "pixel_values" not in a or "image_sizes" not in a:
+            return super().same_image_inputs(a, b)
+        sizes_a, sizes_b = a["image_sizes"], b["image_sizes"]
+        pa, pb = a["pixel_values"], b["pixel_values"]
+        if sizes_a.shape != sizes_b.shape or not torch.equal(sizes_a.cpu(), sizes_b.cpu()):
+            return False
+        if pa.dim() != 5 or pb.dim() != 5 or pa.shape[0] != pb.shape[0] or pa.shape[2:] != pb.shape[2:]:
+            return False
+        needed = self.tiles_per_image(_SizesOnly(sizes_a))
+        tiles = min(pa.shape[1], pb.shape[1])
+        if any(n > tiles for n in needed):
+            return False
+        return all(torch.equal(pa[i, :n].cpu(), pb[i, :n].cpu()) for i, n in enumerate(needed))
 
     def scored_vision_rows(self, batch: Batch, rows: int) -> Any:
         """The base view of each image: the first of its tiles in the vision tower's batch."""

@@ -409,6 +409,11 @@ class SmolVLMAdapter(Adapter):
         """The first ``n`` rows: one row per sample holds all of its images' frames."""
         return {k: v[:n] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
 
+    def split_image_inputs(self, batch: Batch, first: int) -> None:
+        """None: one row per sample holds every image's frames, not one row per image (the
+        answer-prefix reuse runs the whole prompt)."""
+        return None
+
     # ------------------------------------------------------------------ vision facet
     # The vision tower runs every real frame of the batch as one ``[frames, P, Dv]`` batch (tiles
     # of each image, then its global frame; all-zero padding frames dropped by the model), with

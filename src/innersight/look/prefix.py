@@ -45,6 +45,7 @@ import torch
 from ..adapters.base import Batch
 from ..attention import StopForward, layer_handlers
 from ..generation_calls import cache_argument
+from .answer_prefix import active_keeper
 
 #: the text inputs this path rebuilds itself (prefix and suffix ids, masks, positions)
 TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
@@ -148,14 +149,19 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
     name = cache_argument(model.forward)
     image_inputs = adapter.sample_image_inputs(batch, n)  # the first n samples' images (adapter's rows)
     decoder_layers = adapter.decoder_layers
+    # the final answer may continue from this prefix (one sample): then every layer fills the cache
+    keeper = active_keeper() if n == 1 else None
+    stop_layer = layer if keeper is None else keeper.stop_layer(decoder_layers)
     with torch.inference_mode():
-        with layer_handlers(model, decoder_layers, {layer: _stop}):
+        with layer_handlers(model, decoder_layers, {stop_layer: _stop}):
             try:
                 model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
                       position_ids=_model_positions(prefix_pos).to(device), use_cache=True, **{name: cache},
                       **image_inputs, **token_inputs)
             except StopForward:
                 pass
+        if keeper is not None:
+            keeper.keep(cache, prefix_ids[0], image_inputs)
         cache.reorder_cache(torch.arange(n).repeat(2).to(device))  # [2n] rows i and n + i share prefix i
         full_mask = torch.cat([prefix_mask.repeat(2, 1), suffix_mask], dim=1)  # [2n, P + S]
         with layer_handlers(model, decoder_layers, {layer: capture_handler}):

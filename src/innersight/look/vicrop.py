@@ -366,6 +366,7 @@ class ViCrop:
 
         if G.early_gate(self.config):
             return G.answer_rows(self, mllm, image_lists, questions, template, generate)
-        lists, extras = self.apply(mllm, image_lists, questions, template)
-        out = generate(lists, questions)
-        return out.ids, list(out.batch.prompts), extras, out.details
+        from .answer_prefix import answer_rows
+
+        # apply, then one generate (continued from the capture's prefix where exact)
+        return answer_rows(self, mllm, image_lists, questions, template, generate)

@@ -1,0 +1,224 @@
+"""ViCrop rel-att's final answer continued from its capture's prefix KV cache.
+
+rel-att's pair capture (:mod:`innersight.look.prefix`) runs the prompt prefix its question and
+generic rows share (the chat template's opening, the original image's tokens, the start of the
+user turn) once, with the original image's pixels. The final answer's prompt (LLaVA:
+``USER: <image><image>\\n{question} ASSISTANT:``, the original image first, then the crop) opens
+with the same tokens and the same image, and re-encoding them (vision tower, every decoder
+layer over ~600 tokens on LLaVA-1.5) is most of the answer's prefill.
+
+Here, where that is exact:
+
+1. the capture's prefix pass runs through every decoder layer (it stops in the last layer's
+   attention, once every layer has written its keys and values) and its KV cache is kept
+   (:class:`PrefixKeeper`; the map capture at its layer is unchanged);
+2. the answer batch's first tokens that equal the prefix's are taken from that cache; the
+   answer prompt's remaining tokens but its last (the crop's image tokens and the question) are
+   prefilled with the model's own forward on the cache, with the crop's image inputs only
+   (:meth:`~innersight.adapters.base.Adapter.split_image_inputs`);
+3. the plan's ``generate`` continues from that cache with the full ``input_ids`` and
+   ``attention_mask`` and no image inputs (transformers' "continue from a cache": it runs the
+   tokens the cache does not hold, here the prompt's last one, then decodes as usual).
+
+Exact only when: one sample (rows with different left padding would need their cache rows
+re-aligned to the answer batch's padding: not done); the answer's first image is the image the
+capture encoded (the adapter compares the image inputs,
+:meth:`~innersight.adapters.base.Adapter.same_image_inputs`) and its tokens all lie in the common
+prefix; one capture ran in the scope (a tiled image's captures are tiles); the plan has no other
+method and generation settings that add nothing to the prompt
+(:meth:`innersight.flow.Plan.prefill_conflict`: attention methods, negative branches, VISTA...
+read or change the prefill). Otherwise the answer is generated from the prompt as before, and
+``details[<method>]["answer_prefix"]`` says which path ran and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..adapters.base import Batch
+from ..attention import StopForward, layer_handlers
+from ..generation_calls import cache_argument
+
+#: the keeper of the current answer's capture prefix (None: no answer will continue from it)
+_KEEPER: contextvars.ContextVar[PrefixKeeper | None] = contextvars.ContextVar("innersight_answer_prefix",
+                                                                             default=None)
+
+
+def _stop(*args: Any, **kwargs: Any) -> Any:
+    raise StopForward
+
+
+@dataclass
+class KeptPrefix:
+    """A capture's prefix for one sample: its ids, the image inputs it encoded and every decoder
+    layer's keys and values over it."""
+
+    ids: torch.Tensor  # [P] the prefix's token ids (no padding)
+    image_inputs: dict[str, Any]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [1, H_kv, P, D]
+
+
+@dataclass
+class PrefixKeeper:
+    """Collects the pair capture's prefix while an answer that may continue from it is being
+    prepared (:func:`keeping_prefix`). Only a scope with exactly one one-sample capture keeps
+    one: several captures (tiles, chunks) leave nothing to continue from."""
+
+    captures: int = 0
+    kept: KeptPrefix | None = None
+
+    def stop_layer(self, decoder_layers: Any) -> int:
+        """The layer whose attention ends the prefix pass: the last, so that every layer's keys
+        and values are in the cache (the pass needs no hidden state above them)."""
+        return len(decoder_layers) - 1
+
+    def keep(self, cache: Any, prefix_ids: torch.Tensor, image_inputs: dict[str, Any]) -> None:
+        """Record the prefix pass's cache (one row, every layer filled over ``prefix_ids`` [P]),
+        before the suffix pass grows it. The tensors are referenced, not copied: the suffix pass
+        replaces them in the cache (row repeat, concatenation) and never writes into them."""
+        self.captures += 1
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        length = prefix_ids.numel()
+        if any(k.shape[0] != 1 or k.shape[-2] != length or v.shape[-2] != length for k, v in layers):
+            raise RuntimeError(f"the prefix pass's KV cache is not one row of {length} positions per layer "
+                               f"({[tuple(k.shape) for k, _ in layers]}): the transformers cache layout changed")
+        self.kept = KeptPrefix(prefix_ids.clone(), dict(image_inputs), layers) if self.captures == 1 else None
+
+
+def active_keeper() -> PrefixKeeper | None:
+    """The keeper of the current scope, None outside :func:`keeping_prefix`."""
+    return _KEEPER.get()
+
+
+@contextlib.contextmanager
+def keeping_prefix() -> Iterator[PrefixKeeper]:
+    """A scope whose one-sample pair capture keeps its full prefix cache (:class:`PrefixKeeper`);
+    the scope is closed on exit, exception included."""
+    keeper = PrefixKeeper()
+    token = _KEEPER.set(keeper)
+    try:
+        yield keeper
+    finally:
+        _KEEPER.reset(token)
+
+
+def common_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the common prefix of two 1-D id tensors."""
+    m = min(a.numel(), b.numel())
+    differ = (a[:m].cpu() != b[:m].cpu()).nonzero()
+    return int(differ[0]) if differ.numel() else m
+
+
+def prefix_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> Any:
+    """A new ``DynamicCache`` holding the first ``length`` positions of every layer."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys[:, :, :length], values[:, :, :length], index)  # [1, H_kv, length, D]
+    return cache
+
+
+@dataclass
+class AnswerPrefix:
+    """The ``start`` of the answer's :meth:`innersight.flow.Plan.generate`: prefill the answer
+    batch from the kept prefix, or say why not. ``outcome`` records what happened (the
+    answer's ``answer_prefix`` detail)."""
+
+    kept: KeptPrefix | None
+    outcome: dict[str, Any] = field(default_factory=lambda: {"reused": False, "why": "generate did not ask"})
+
+    def __call__(self, mllm: Any, batch: Batch) -> Any:
+        try:
+            return self._start(mllm, batch)
+        except _Fallback as why:
+            self.outcome = {"reused": False, "why": str(why)}
+            return None
+
+    def _start(self, mllm: Any, batch: Batch) -> Any:
+        from ..flow import Continuation
+
+        kept, adapter, model = self.kept, mllm.adapter, mllm.model
+        if kept is None:
+            raise _Fallback("no single one-sample prefix capture")
+        if len(batch) != 1:
+            raise _Fallback("batch > 1")
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # [1, L]
+        length = ids.shape[1]
+        if int(mask.min()) != 1:
+            raise _Fallback("padded prompt")
+        if set(batch.inputs) - {"input_ids", "attention_mask"} - set(adapter.prefix_image_inputs):
+            raise _Fallback("inputs beyond the ids, the mask and the image inputs")
+        split = adapter.split_image_inputs(batch, 1)
+        if split is None:
+            raise _Fallback("the family cannot split its image inputs")
+        head, tail = split
+        if not adapter.same_image_inputs(head, kept.image_inputs):
+            raise _Fallback("the answer's first image is not the captured image")
+        common = common_length(ids[0], kept.ids)
+        layouts = batch.layouts[0]
+        first_end = int(layouts[0].positions.max()) + 1
+        later = [int(p) for lay in layouts[1:] for p in (lay.positions.min(), lay.positions.max())]
+        if common < first_end:
+            raise _Fallback("the first image's tokens are not all in the common prefix")
+        common = min(common, length - 1)  # generate runs at least the prompt's last token
+        if later and (min(later) < common or max(later) >= length - 1):
+            raise _Fallback("a later image's tokens straddle the cached prefix or the last token")
+        cache = prefix_cache(kept.layers, common)
+        name = cache_argument(model.forward)
+        device = ids.device
+        if common < length - 1:
+            images = tail if later else {}
+            position_ids = torch.arange(common, length - 1, device=device)[None]  # [1, L - 1 - c]
+            with torch.inference_mode(), layer_handlers(model, adapter.decoder_layers,
+                                                        {len(adapter.decoder_layers) - 1: _stop}):
+                try:
+                    model(input_ids=ids[:, common:length - 1], attention_mask=mask[:, :length - 1],
+                          position_ids=position_ids, use_cache=True, **{name: cache}, **images)
+                except StopForward:
+                    pass
+        if cache.get_seq_length() != length - 1:
+            raise RuntimeError(f"the answer prefill left {cache.get_seq_length()} cached positions, not {length - 1}: "
+                               "the model did not fill the cache it was given")
+        self.outcome = {"reused": True, "tokens": common, "prefilled": length - 1 - common}
+        inputs = {"input_ids": ids, "attention_mask": mask}
+
+        def verify() -> None:
+            if cache.get_seq_length() < length:
+                raise RuntimeError("generate did not continue from the prefilled KV cache "
+                                   f"(still {cache.get_seq_length()} positions): its cache argument changed")
+
+        return Continuation(replace(batch, inputs=inputs), {name: cache}, verify)
+
+
+class _Fallback(Exception):
+    """The answer prefix does not apply (the message says why): generate from the prompt."""
+
+
+def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str,
+                generate: Any) -> tuple[list[list[int]], list[str], list[dict[str, Any]], dict[str, Any]]:
+    """ViCrop's map, box and crop (``method.apply``), then one generate of the answers, continued
+    from the capture's prefix where exact (module docstring); records ``answer_prefix`` in each
+    sample's ``details[method.name]``."""
+    conflict = getattr(generate, "prefill_conflict", "the caller's generate takes no prefill")
+    if conflict is None and len(questions) != 1:
+        conflict = "batch > 1"
+    if conflict is not None:
+        lists, extras = method.apply(mllm, image_lists, questions, template)
+        out = generate(lists, questions)
+        outcome: dict[str, Any] = {"reused": False, "why": conflict}
+    else:
+        with keeping_prefix() as keeper:
+            lists, extras = method.apply(mllm, image_lists, questions, template)
+        start = AnswerPrefix(keeper.kept)
+        out = generate(lists, questions, start=start)
+        outcome = start.outcome
+    for extra in extras:
+        extra.setdefault("details", {}).setdefault(method.name, {})["answer_prefix"] = dict(outcome)
+    return out.ids, list(out.batch.prompts), extras, out.details
