@@ -52,6 +52,12 @@ class StopForward(Exception):
     """Raised by a handler once it has what it needs, to skip the remaining layers."""
 
 
+def stop_forward(*args: Any, **kwargs: Any) -> Any:
+    """A layer handler that ends the forward in its layer's attention (:class:`StopForward`): the
+    layers below it (and this layer's cache entry) have run, nothing above it will."""
+    raise StopForward
+
+
 def sdpa_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """transformers' own SDPA attention (the fast path)."""

@@ -176,7 +176,7 @@ def test_restored_after_exit_and_exception(tiny_mllm, monkeypatch, where):
 
         monkeypatch.setattr(V, "choose_crops", fail_after)
     elif where == "start":  # in the answer's prefill forward, its stop handler installed
-        monkeypatch.setattr(AP, "_stop", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        monkeypatch.setattr(AP, "stop_forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     elif where == "generate":
         monkeypatch.setattr(type(mllm), "generate", lambda self, batch, **g: (_ for _ in ()).throw(RuntimeError("boom")))
     if where == "exit":

@@ -42,16 +42,12 @@ from typing import Any
 import torch
 
 from ..adapters.base import Batch
-from ..attention import StopForward, layer_handlers
+from ..attention import StopForward, layer_handlers, stop_forward
 from ..generation_calls import cache_argument
 
 #: the keeper of the current answer's capture prefix (None: no answer will continue from it)
 _KEEPER: contextvars.ContextVar[PrefixKeeper | None] = contextvars.ContextVar("innersight_answer_prefix",
                                                                              default=None)
-
-
-def _stop(*args: Any, **kwargs: Any) -> Any:
-    raise StopForward
 
 
 @dataclass
@@ -108,13 +104,6 @@ def keeping_prefix() -> Iterator[PrefixKeeper]:
         _KEEPER.reset(token)
 
 
-def common_length(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Length of the common prefix of two 1-D id tensors."""
-    m = min(a.numel(), b.numel())
-    differ = (a[:m].cpu() != b[:m].cpu()).nonzero()
-    return int(differ[0]) if differ.numel() else m
-
-
 def prefix_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> Any:
     """A new ``DynamicCache`` holding the first ``length`` positions of every layer."""
     from transformers import DynamicCache
@@ -143,6 +132,7 @@ class AnswerPrefix:
 
     def _start(self, mllm: Any, batch: Batch) -> Any:
         from ..flow import Continuation
+        from .prefix import common_length  # prefix.py imports this module's keeper
 
         kept, adapter, model = self.kept, mllm.adapter, mllm.model
         if kept is None:
@@ -161,7 +151,7 @@ class AnswerPrefix:
         head, tail = split
         if not adapter.same_image_inputs(head, kept.image_inputs):
             raise _Fallback("the answer's first image is not the captured image")
-        common = common_length(ids[0], kept.ids)
+        common = common_length(ids[0].cpu(), kept.ids.cpu())
         layouts = batch.layouts[0]
         first_end = int(layouts[0].positions.max()) + 1
         later = [int(p) for lay in layouts[1:] for p in (lay.positions.min(), lay.positions.max())]
@@ -177,7 +167,7 @@ class AnswerPrefix:
             images = tail if later else {}
             position_ids = torch.arange(common, length - 1, device=device)[None]  # [1, L - 1 - c]
             with torch.inference_mode(), layer_handlers(model, adapter.decoder_layers,
-                                                        {len(adapter.decoder_layers) - 1: _stop}):
+                                                        {len(adapter.decoder_layers) - 1: stop_forward}):
                 try:
                     model(input_ids=ids[:, common:length - 1], attention_mask=mask[:, :length - 1],
                           position_ids=position_ids, use_cache=True, **{name: cache}, **images)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..adapters.base import Batch
-from ..attention import StopForward, layer_handlers
+from ..attention import StopForward, layer_handlers, stop_forward
 from ..generation_calls import cache_argument
 from .answer_prefix import active_keeper
 
@@ -51,11 +51,7 @@ from .answer_prefix import active_keeper
 TEXT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 
-def _stop(*args: Any, **kwargs: Any) -> Any:
-    raise StopForward
-
-
-def _common_length(a: torch.Tensor, b: torch.Tensor) -> int:
+def common_length(a: torch.Tensor, b: torch.Tensor) -> int:
     """Length of the common prefix of two 1-D id tensors."""
     m = min(a.numel(), b.numel())
     differ = (a[:m] != b[:m]).nonzero()
@@ -113,7 +109,7 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
     rows = [ids[r, starts[r]:] for r in range(2 * n)]
     common = []
     for i in range(n):
-        c = _common_length(rows[i], rows[n + i])
+        c = common_length(rows[i], rows[n + i])
         # every image token in the prefix, at least one suffix token in both rows
         last_image = max(int(batch.layouts[r][k].positions.max()) - starts[r]
                          for r in (i, n + i) for k in range(len(batch.layouts[r])))
@@ -153,7 +149,7 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
     keeper = active_keeper() if n == 1 else None
     stop_layer = layer if keeper is None else keeper.stop_layer(decoder_layers)
     with torch.inference_mode():
-        with layer_handlers(model, decoder_layers, {stop_layer: _stop}):
+        with layer_handlers(model, decoder_layers, {stop_layer: stop_forward}):
             try:
                 model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
                       position_ids=_model_positions(prefix_pos).to(device), use_cache=True, **{name: cache},
