@@ -87,6 +87,50 @@ def test_same_answer_and_logits_as_from_the_prompt(tiny_mllm, monkeypatch, famil
 
 
 @pytest.mark.parametrize("family", REUSING)
+@pytest.mark.parametrize("variant", ["grad-att", "pure-grad"])
+def test_gradient_variants_answer_from_their_prefix(tiny_mllm, monkeypatch, family, variant):
+    """grad-att's prefix (run without a graph) and pure-grad's (run with the graph from the pixels,
+    kept detached) carry the final answer as rel-att's does: same tokens and scores as the answer
+    from the prompt, less decoder work."""
+    mllm = tiny_mllm(family)
+    name = f"vicrop-{variant}"
+    settings = {name: {"layer": 1}}
+    image = _scene(seed=5)
+    reused_work, (reused, reused_scores) = _layer0_positions(
+        mllm, lambda: _answer(mllm, image, methods=(name,), settings=settings))
+    detail = reused.details[name]["answer_prefix"]
+    assert detail["reused"] is True and detail["tokens"] > 0, detail
+    _without_reuse(monkeypatch)
+    plain_work, (plain, plain_scores) = _layer0_positions(
+        mllm, lambda: _answer(mllm, image, methods=(name,), settings=settings))
+    assert plain.details[name]["answer_prefix"]["reused"] is False
+    assert reused.token_ids == plain.token_ids and reused.box == plain.box
+    assert len(reused_scores.steps) == len(plain_scores.steps) >= len(plain.token_ids) > 0
+    for a, b in zip(reused_scores.steps, plain_scores.steps):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert reused_work <= plain_work - detail["tokens"]
+    assert not any(t.requires_grad for t in _kept_tensors(monkeypatch, mllm, image, name, settings))
+
+
+def _kept_tensors(monkeypatch, mllm, image, name, settings):
+    """The tensors the keeper of one answer held (its prefix's keys, values and image inputs)."""
+    monkeypatch.undo()
+    kept = []
+    original = AP.PrefixKeeper.keep
+
+    def spy(self, cache, ids, images):
+        original(self, cache, ids, images)
+        if self.kept is not None:
+            kept.extend(t for pair in self.kept.layers for t in pair)
+            kept.extend(v for v in self.kept.image_inputs.values() if isinstance(v, torch.Tensor))
+
+    monkeypatch.setattr(AP.PrefixKeeper, "keep", spy)
+    _answer(mllm, image, methods=(name,), settings=settings)
+    assert kept
+    return kept
+
+
+@pytest.mark.parametrize("family", REUSING)
 def test_sampling_from_the_cache_equals_sampling_from_the_prompt(tiny_mllm, monkeypatch, family):
     mllm = tiny_mllm(family)
     image = _scene(seed=3)

@@ -3,6 +3,7 @@ on every family, against the full-logits computation."""
 
 from __future__ import annotations
 
+import functools
 import numpy as np
 import pytest
 import torch
@@ -181,15 +182,82 @@ def test_gradient_maps_freeze_parameters_for_the_pass_only(tiny_mllm, monkeypatc
     frozen_during = []
     original = mllm.model.forward
 
+    @functools.wraps(original)  # the forward's signature (its cache argument) stays readable
     def spy(*args, **kwargs):
         frozen_during.append(not any(p.requires_grad for p in mllm.model.parameters()))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(mllm.model, "forward", spy)
     importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant=variant, layer=1))
-    assert frozen_during == [True]
+    assert frozen_during and all(frozen_during)  # every forward of the map (prefix and suffix passes)
     monkeypatch.setattr(mllm.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         importance_maps(mllm, [_scene()], ["what is it?"], ViCropConfig(variant=variant, layer=1))
     monkeypatch.undo()
     assert [p.requires_grad for p in mllm.model.parameters()] == before
+
+
+@pytest.mark.parametrize("family", SHARED_PREFIX_FAMILIES)
+@pytest.mark.parametrize("variant", ["grad-att", "pure-grad"])
+def test_gradient_maps_shared_prefix_same_maps_less_work(tiny_mllm, family, variant):
+    """grad-att (the prefix without a graph, the question's suffix differentiated) and pure-grad
+    (one graph from the pixels through the shared prefix, two backward passes) give the maps of
+    the full prompts, with images of different sizes and questions of different lengths (rows
+    padded differently), while each image's tokens went through the decoder once."""
+    mllm = tiny_mllm(family)
+    images = [_scene(120, 60, seed=11), _scene(50, 90, seed=12)]
+    questions = ["what is the digit in the red circle on the left?", "colour?"]
+    shared_tokens, shared = _layer0_tokens(
+        mllm, lambda: importance_maps(mllm, images, questions, ViCropConfig(variant=variant, layer=1)))
+    joint_tokens, joint = _layer0_tokens(
+        mllm, lambda: importance_maps(mllm, images, questions,
+                                      ViCropConfig(variant=variant, layer=1, shared_prefix=False)))
+    batch = mllm.prepare([[im] for im in images], questions)
+    image_tokens = sum(batch.layouts[b][0].num_tokens for b in range(len(images)))
+    if variant == "pure-grad":  # the generic row's image tokens are not run again
+        assert shared_tokens <= joint_tokens - image_tokens
+    # (grad-att's prefix and suffix are its one prompt, split: its saving is the graph, tested below)
+    assert shared_tokens >= image_tokens  # and the images did run
+    for (m_s, view_s, raw_s), (m_j, view_j, raw_j) in zip(shared, joint):
+        assert view_s == view_j
+        assert np.abs(m_j).max() > 0
+        np.testing.assert_allclose(m_s, m_j, rtol=1e-3, atol=1e-6 * np.abs(m_j).max())
+        for key in raw_j:
+            np.testing.assert_allclose(raw_s[key], raw_j[key], rtol=1e-3, atol=1e-6 * np.abs(raw_j[key]).max())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_grad_att_shared_prefix_differentiates_the_suffix_only(tiny_mllm, family):
+    """The graph of grad-att's shared path holds the question's suffix only: the capture layer's
+    graph input has the suffix's rows, not the prompt's."""
+    mllm = tiny_mllm(family)
+    layer = mllm.adapter.decoder_layers[1]
+    seen = []
+
+    def record(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        seen.append((torch.is_grad_enabled(), int(hidden.shape[1])))
+
+    batch = mllm.prepare([[_scene(seed=13)]], ["what is it?"])
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        importance_maps(mllm, [_scene(seed=13)], ["what is it?"], ViCropConfig(variant="grad-att", layer=1))
+    finally:
+        handle.remove()
+    image_end = int(batch.layouts[0][0].positions.max()) + 1
+    length = int(batch.input_ids.shape[1])
+    # the prefix pass (no graph) then the suffix pass (the graph from this layer on)
+    assert [s[1] for s in seen] == [image_end, length - image_end]
+    assert seen[0][0] is False
+
+
+def test_gradient_shared_prefix_declines_where_the_family_cannot_split(tiny_mllm):
+    from innersight.look.maps import AttentionCapture, shared_prefix_grad_att
+    from innersight.look.pure_grad import shared_prefix_pixel_gradients
+
+    for family in ("gemma3", "instructblip"):
+        mllm = tiny_mllm(family)
+        batch = mllm.prepare([[_scene()]], ["what is it?"])
+        assert shared_prefix_grad_att(mllm, batch, AttentionCapture(1, stop_after=False, keep_graph=True)) is None
+        pair = mllm.prepare([[_scene()]] * 2, ["what is it?", "describe it."])
+        assert shared_prefix_pixel_gradients(mllm, pair, 1) is None, family

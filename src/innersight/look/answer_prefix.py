@@ -1,15 +1,16 @@
-"""ViCrop rel-att's final answer continued from its capture's prefix KV cache.
+"""ViCrop's final answer continued from its map's prefix KV cache.
 
-rel-att's pair capture (:mod:`innersight.look.prefix`) runs the prompt prefix its question and
-generic rows share (the chat template's opening, the original image's tokens, the start of the
-user turn) once, with the original image's pixels. The final answer's prompt (LLaVA:
-``USER: <image><image>\\n{question} ASSISTANT:``, the original image first, then the crop) opens
-with the same tokens and the same image, and re-encoding them (vision tower, every decoder
-layer over ~600 tokens on LLaVA-1.5) is most of the answer's prefill.
+The map's prefix pass (:mod:`innersight.look.prefix`; rel-att and pure-grad: the prefix the
+question and generic rows share, grad-att: the question's prompt up to its last image token) runs
+the chat template's opening and the original image's tokens once, with the original image's
+pixels. The final answer's prompt (LLaVA: ``USER: <image><image>\\n{question} ASSISTANT:``, the
+original image first, then the crop) opens with the same tokens and the same image, and
+re-encoding them (vision tower, every decoder layer over ~600 tokens on LLaVA-1.5) is most of the
+answer's prefill.
 
 Here, where that is exact:
 
-1. the capture's prefix pass runs through every decoder layer (it stops in the last layer's
+1. the map's prefix pass runs through every decoder layer (it stops in the last layer's
    attention, once every layer has written its keys and values) and its KV cache is kept
    (:class:`PrefixKeeper`; the map capture at its layer is unchanged);
 2. the answer batch's first tokens that equal the prefix's are taken from that cache; the
@@ -79,12 +80,14 @@ class PrefixKeeper:
         before the suffix pass grows it. The tensors are referenced, not copied: the suffix pass
         replaces them in the cache (row repeat, concatenation) and never writes into them."""
         self.captures += 1
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        # detached: a gradient map's prefix pass records a graph the answer must not keep alive
+        layers = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
         length = prefix_ids.numel()
         if any(k.shape[0] != 1 or k.shape[-2] != length or v.shape[-2] != length for k, v in layers):
             raise RuntimeError(f"the prefix pass's KV cache is not one row of {length} positions per layer "
                                f"({[tuple(k.shape) for k, _ in layers]}): the transformers cache layout changed")
-        self.kept = KeptPrefix(prefix_ids.clone(), dict(image_inputs), layers) if self.captures == 1 else None
+        images = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in image_inputs.items()}
+        self.kept = KeptPrefix(prefix_ids.clone(), images, layers) if self.captures == 1 else None
 
 
 def active_keeper() -> PrefixKeeper | None:

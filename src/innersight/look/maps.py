@@ -212,21 +212,65 @@ def grad_from(module: Any, model: Any) -> Iterator[None]:
         torch.set_grad_enabled(previous)
 
 
-def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, grid_block: int = 2) -> list[tuple[np.ndarray, GridView]]:
+def grad_attention_maps(mllm: Any, batch: Batch, layer: int, *, grid_block: int = 2,
+                        shared_prefix: bool = True) -> list[tuple[np.ndarray, GridView]]:
     """grad-att: A ⊙ ReLU(dv/dA) at ``layer``, head-averaged, one pass with the question only.
 
     Where the adapter's image tokens reach the grid through weights (query tokens) this is the
     LM stage; the weights multiply it as they are (see the module docstring).
+
+    ``shared_prefix``: where the family allows (:func:`innersight.look.prefix.split_prefix`), the
+    prompt up to its last image token runs once without a graph and every layer keeps its keys
+    and values; only the question's suffix runs with the graph (from ``layer`` on) and is
+    differentiated (:func:`shared_prefix_grad_att`). Otherwise the whole prompt runs with the
+    graph from ``layer`` on.
     """
     capture = AttentionCapture(layer, stop_after=False, keep_graph=True)
     adapter = mllm.adapter
-    with grid_projection(adapter, grid_block) as project, grad_from(adapter.decoder_layers[layer], mllm.model), \
-            layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
-        # the lm_head at the last position only: v reads nothing else
-        logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
-        with torch.enable_grad():
-            value = answer_confidence(logits).sum()  # rows are independent: one backward for all
-        assert capture.graph_probs is not None and capture.probs is not None
-        (grad,) = torch.autograd.grad(value, [capture.graph_probs])  # [B, H, 1, L]
-    weighted = (capture.probs * torch.relu(grad[:, :, 0, :])).mean(dim=1)  # [B, L]
+    with grid_projection(adapter, grid_block) as project:
+        weighted = shared_prefix_grad_att(mllm, batch, capture) if shared_prefix else None
+        if weighted is None:
+            with grad_from(adapter.decoder_layers[layer], mllm.model), \
+                    layer_handlers(mllm.model, adapter.decoder_layers, {layer: capture.handler}):
+                # the lm_head at the last position only: v reads nothing else
+                logits = mllm.model(**batch.inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [B, 1 or L, V]
+                weighted = _grad_times_attention(logits, capture)  # [B, L]
     return [project(weighted[b], batch, b) for b in range(len(batch))]
+
+
+def _grad_times_attention(logits: torch.Tensor, capture: AttentionCapture) -> torch.Tensor:
+    """A ⊙ ReLU(dv/dA), head-averaged, from the capture's graph: [B, Lk]."""
+    with torch.enable_grad():
+        value = answer_confidence(logits).sum()  # rows are independent: one backward for all
+    assert capture.graph_probs is not None and capture.probs is not None
+    (grad,) = torch.autograd.grad(value, [capture.graph_probs])  # [B, H, 1, Lk]
+    return (capture.probs * torch.relu(grad[:, :, 0, :])).mean(dim=1)  # [B, Lk]
+
+
+def shared_prefix_grad_att(mllm: Any, batch: Batch, capture: AttentionCapture) -> torch.Tensor | None:
+    """grad-att's weighted attention [B, L] (the joint batch's positions) with each prompt's
+    prefix (every image token) run once without a graph; None where the split does not apply.
+
+    Exact: dv/dA at the last position's attention row touches only that position's later hidden
+    states, never an earlier position's keys or values, so the prefix's keys and values are
+    constants of the derivative. The prefix pass runs every layer (the suffix attends to all of
+    them); a one-sample prefix is kept for the final answer (:mod:`innersight.look.answer_prefix`).
+    """
+    from .prefix import answer_keeper, prefix_pass, split_prefix, suffix_pass
+
+    split = split_prefix(mllm, batch, len(batch), 1)
+    if split is None:
+        return None
+    adapter, model = mllm.adapter, mllm.model
+    last = len(adapter.decoder_layers) - 1
+    # no graph, but not inference mode: the suffix's graph reads these keys and values
+    with torch.no_grad(), frozen_parameters(model):
+        cache = prefix_pass(mllm, split, last)
+    keeper = answer_keeper(split)
+    if keeper is not None:
+        keeper.keep(cache, split.prefix_ids[0], split.image_inputs)
+    with grad_from(adapter.decoder_layers[capture.layer], model):
+        output = suffix_pass(mllm, split, cache, {capture.layer: capture.handler}, **last_logits_kwargs(model))
+        assert output is not None
+        weighted = _grad_times_attention(output.logits, capture)  # [B, P + S]
+    return split.scatter(weighted[:, None])[:, 0]  # [B, L]

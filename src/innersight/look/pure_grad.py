@@ -57,6 +57,64 @@ def pool_to_grid(values: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return values.reshape(rows, h // rows, cols, w // cols).mean(axis=(1, 3))
 
 
+def pixel_gradients(mllm: Any, batch: Any, n: int, shared_prefix: bool = True) -> torch.Tensor:
+    """dv/dpixel_values of every row of ``batch`` (rows ``i`` and ``n + i``: sample ``i``'s
+    question and generic prompt), shaped like ``batch.inputs["pixel_values"]``.
+
+    ``shared_prefix``: where the family allows (:func:`innersight.look.prefix.split_prefix`), each
+    image and the prompt prefix the two rows share run once (one vision pass, one decoder pass
+    with the graph), both suffixes continue from its cache, and the two gradients are two
+    backward passes through that one graph (:func:`shared_prefix_pixel_gradients`). Otherwise the
+    two rows run as one batch, each with its own copy of the image.
+    """
+    if shared_prefix:
+        grad = shared_prefix_pixel_gradients(mllm, batch, n)
+        if grad is not None:
+            return grad
+    pixel_values = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
+    inputs = {**batch.inputs, "pixel_values": pixel_values}
+    with torch.enable_grad(), frozen_parameters(mllm.model):
+        # the lm_head at the last position only: v reads nothing else
+        logits = mllm.model(**inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [2n, 1 or L, V]
+        (grad,) = torch.autograd.grad(answer_confidence(logits).sum(), [pixel_values])
+    return grad.detach()
+
+
+def shared_prefix_pixel_gradients(mllm: Any, batch: Any, n: int) -> torch.Tensor | None:
+    """:func:`pixel_gradients` with each sample's image and shared prefix encoded once; None where
+    the split does not apply or the family's image rows do not stack as the joint batch's.
+
+    The prefix pass records the graph from the pixels through the vision tower and every decoder
+    layer (the suffixes attend to all of them); the question rows' confidence and the generic
+    rows' are differentiated separately (two backward passes through the shared graph: the two
+    gradients differ and the prefix is one tensor). A one-sample prefix's keys and values are kept,
+    detached, for the final answer (:mod:`innersight.look.answer_prefix`).
+    """
+    from .prefix import answer_keeper, prefix_pass, split_prefix, suffix_pass
+
+    split = split_prefix(mllm, batch, n, 2)
+    if split is None or "pixel_values" not in split.image_inputs:
+        return None
+    full = batch.inputs["pixel_values"]
+    pixels = split.image_inputs["pixel_values"].detach().clone().requires_grad_(True)  # the first n samples' rows
+    if (2 * pixels.shape[0], *pixels.shape[1:]) != tuple(full.shape) or not torch.equal(
+            torch.cat([pixels.detach(), pixels.detach()]), full):
+        return None  # the joint batch's image rows are not the prefix's, twice
+    model = mllm.model
+    last = len(mllm.adapter.decoder_layers) - 1
+    with torch.enable_grad(), frozen_parameters(model):
+        cache = prefix_pass(mllm, split, last, {**split.image_inputs, "pixel_values": pixels})
+        keeper = answer_keeper(split)
+        if keeper is not None:
+            keeper.keep(cache, split.prefix_ids[0], split.image_inputs)
+        output = suffix_pass(mllm, split, cache, {}, **last_logits_kwargs(model))
+        assert output is not None
+        value = answer_confidence(output.logits)  # [2n]
+        (question,) = torch.autograd.grad(value[:n].sum(), [pixels], retain_graph=True)
+        (generic,) = torch.autograd.grad(value[n:].sum(), [pixels])
+    return torch.cat([question, generic]).detach()  # like the joint batch's pixel_values
+
+
 def pure_grad_maps(mllm: Any, images: list[Any], questions: list[str], config: Any,
                    template: str = "chat", generic: list[str] | None = None) -> list[tuple[np.ndarray, Any, dict[str, np.ndarray]]]:
     """(map [rows, cols], view, raw maps) per sample; question and generic prompt in one batch
@@ -65,17 +123,12 @@ def pure_grad_maps(mllm: Any, images: list[Any], questions: list[str], config: A
     n = len(questions)
     generic = [config.generic_instruction] * n if generic is None else list(generic)
     batch = mllm.prepare(list(images) * 2, list(questions) + generic, template=template)
-    pixel_values = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
-    inputs = {**batch.inputs, "pixel_values": pixel_values}
-    with torch.enable_grad(), frozen_parameters(mllm.model):
-        # the lm_head at the last position only: v reads nothing else
-        logits = mllm.model(**inputs, use_cache=False, **last_logits_kwargs(mllm.model)).logits  # [2n, 1 or L, V]
-        (grad,) = torch.autograd.grad(answer_confidence(logits).sum(), [pixel_values])
+    grad = pixel_gradients(mllm, batch, n, shared_prefix=config.shared_prefix)
     eps = 0.0 if config.official else config.epsilon
     out = []
     for i in range(n):
-        g_q, view = adapter.pixel_view(batch, grad.detach(), i)  # [3, H, W]
-        g_g, _ = adapter.pixel_view(batch, grad.detach(), n + i)
+        g_q, view = adapter.pixel_view(batch, grad, i)  # [3, H, W]
+        g_g, _ = adapter.pixel_view(batch, grad, n + i)
         pix, _ = adapter.pixel_view(batch, batch.inputs["pixel_values"], i)
         norm_q = g_q.float().norm(dim=0).cpu().numpy()  # [H, W]
         norm_g = g_g.float().norm(dim=0).cpu().numpy()

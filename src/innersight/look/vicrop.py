@@ -103,9 +103,12 @@ class ViCropConfig:
     #: probability exceeds the plain answer's, else the plain answer stands (False: always keep it)
     gate_arbitrate: bool = field(default=False, metadata={
         "source": "max softmax probability, Hendrycks & Gimpel arXiv 1610.02136 (look/gate.py)"})
-    #: rel-att: encode each image and the prompt prefix its two rows share once (vision pass and
-    #: decoder prefix run for one row, the question and generic rows continue from its KV cache;
-    #: :mod:`innersight.look.prefix`); False, or a family it does not apply to: the joint batch
+    #: encode each image and the prompt prefix holding it once (:mod:`innersight.look.prefix`): the
+    #: vision pass and the decoder prefix run for one row and the map's rows continue from its KV
+    #: cache (rel-att, pure-grad: the question and generic rows; grad-att: the question, the
+    #: prefix without a graph); a one-sample answer then continues from that cache too
+    #: (:mod:`innersight.look.answer_prefix`). False, or a family it does not apply to: the
+    #: map's rows run as full prompts
     shared_prefix: bool = True
 
     def __post_init__(self) -> None:
@@ -229,7 +232,8 @@ def single_image_maps(mllm: Any, images: list[Any], questions: list[str], config
     if config.variant == "grad-att":
         batch = mllm.prepare(list(images), list(questions), template=template)
         return [(m, view, {"grad-att": m})
-                for m, view in M.grad_attention_maps(mllm, batch, layer, grid_block=config.qformer_block)]
+                for m, view in M.grad_attention_maps(mllm, batch, layer, grid_block=config.qformer_block,
+                                                     shared_prefix=config.shared_prefix)]
     from .pure_grad import pure_grad_maps
 
     return pure_grad_maps(mllm, images, questions, config, template=template, generic=generic)
