@@ -108,12 +108,15 @@ class PrefixSplit:
     length: int  # L, the joint batch's length
     starts: list[int]  # left padding of each joint row
     common: list[int]  # prefix length of each sample
-    suffix_lengths: list[int]  # suffix length of each row
+    #: suffix rows are sample-major (sample i's k rows adjacent, as the cache's rows repeat):
+    #: suffix row j is joint row order[j]
+    order: list[int]
+    suffix_lengths: list[int]  # suffix length of each suffix row
     prefix_ids: torch.Tensor  # [n, P]
     prefix_mask: torch.Tensor  # [n, P]
     prefix_positions: torch.Tensor  # [K, n, P]
     token_inputs: dict[str, torch.Tensor]  # each [n, P]
-    suffix_ids: torch.Tensor  # [k n, S]
+    suffix_ids: torch.Tensor  # [k n, S] sample-major
     suffix_mask: torch.Tensor  # [k n, S]
     suffix_positions: torch.Tensor  # [K, k n, S]
     image_inputs: dict[str, Any]  # the first n samples' image inputs (the adapter's rows)
@@ -122,15 +125,22 @@ class PrefixSplit:
     def width(self) -> int:
         return int(self.prefix_ids.shape[1])
 
+    def to_joint(self, rows: torch.Tensor) -> torch.Tensor:
+        """Suffix-pass rows ``[k n, ...]`` (sample-major) in the joint batch's row order."""
+        inverse = [0] * len(self.order)
+        for j, r in enumerate(self.order):
+            inverse[r] = j
+        return rows[torch.tensor(inverse, device=rows.device)]
+
     def scatter(self, probs: torch.Tensor) -> torch.Tensor:
-        """Per-key values of the suffix pass ``[k n, H, P + S]`` onto the joint batch's key
-        positions: ``[k n, H, L]`` (zeros at the joint batch's padding)."""
+        """Per-key values of the suffix pass ``[k n, H, P + S]`` (suffix rows) onto the joint
+        batch's rows and key positions: ``[k n, H, L]`` (zeros at the joint batch's padding)."""
         width, s_width = self.width, int(self.suffix_ids.shape[1])
         out = probs.new_zeros((probs.shape[0], probs.shape[1], self.length))  # [k n, H, L]
-        for r in range(probs.shape[0]):
-            c, s, start = self.common[r % self.n], self.suffix_lengths[r], self.starts[r]
-            out[r, :, start:start + c] = probs[r, :, width - c:width]
-            out[r, :, start + c:] = probs[r, :, width + s_width - s:]
+        for j, r in enumerate(self.order):
+            c, s, start = self.common[r % self.n], self.suffix_lengths[j], self.starts[r]
+            out[r, :, start:start + c] = probs[j, :, width - c:width]
+            out[r, :, start + c:] = probs[j, :, width + s_width - s:]
         return out
 
 
@@ -178,13 +188,14 @@ def split_prefix(mllm: Any, batch: Batch, n: int, k: int) -> PrefixSplit | None:
     prefix_ids, prefix_mask = _left_pad([rows[i][:common[i]] for i in range(n)], width, pad)  # [n, P]
     token_inputs = {key: _left_pad([inputs[key][i, starts[i]:starts[i] + common[i]].cpu() for i in range(n)],
                                    width, 0)[0].to(device) for key in token_keys if key in inputs}  # each [n, P]
-    suffixes = [rows[r][common[r % n]:] for r in range(k * n)]
+    order = [m * n + i for i in range(n) for m in range(k)]  # suffix row j is joint row order[j]
+    suffixes = [rows[r][common[r % n]:] for r in order]
     s_width = max(s.numel() for s in suffixes)
-    suffix_ids, suffix_mask = _left_pad(suffixes, s_width, pad)  # [k n, S]
-    suffix_pos = _left_pad_positions([positions[:, r, starts[r] + common[r % n]:] for r in range(k * n)],
+    suffix_ids, suffix_mask = _left_pad(suffixes, s_width, pad)  # [k n, S] sample-major
+    suffix_pos = _left_pad_positions([positions[:, r, starts[r] + common[r % n]:] for r in order],
                                      s_width)  # [K, k n, S]
     return PrefixSplit(n=n, k=k, length=length, starts=starts, common=common,
-                       suffix_lengths=[s.numel() for s in suffixes],
+                       order=order, suffix_lengths=[s.numel() for s in suffixes],
                        prefix_ids=prefix_ids.to(device), prefix_mask=prefix_mask.to(device),
                        prefix_positions=_left_pad_positions(prefix_rows, width).to(device),
                        token_inputs=token_inputs, suffix_ids=suffix_ids.to(device),
@@ -228,13 +239,15 @@ def answer_keeper(split: PrefixSplit) -> Any:
 
 def suffix_pass(mllm: Any, split: PrefixSplit, cache: Any, handlers: dict[int, Any], **kwargs: Any) -> Any:
     """Run every row's suffix on ``cache`` (its prefix rows repeated for the ``k`` rows of each
-    sample) with ``handlers`` on the decoder layers; the model's output, or None when a handler
-    stopped the forward. ``kwargs``: further model inputs (e.g. ``logits_to_keep``)."""
+    sample) with ``handlers`` on the decoder layers; the model's output (rows in the suffix
+    order, :meth:`PrefixSplit.to_joint`), or None when a handler stopped the forward. ``kwargs``: further model inputs (e.g. ``logits_to_keep``)."""
     model = mllm.model
     name = cache_argument(model.forward)
     if split.k > 1:
-        cache.reorder_cache(torch.arange(split.n, device=split.suffix_ids.device).repeat(split.k))  # [k n]
-    full_mask = torch.cat([split.prefix_mask.repeat(split.k, 1), split.suffix_mask], dim=1)  # [k n, P + S]
+        # each prefix row k times, adjacent (the suffix rows' sample-major order); unlike a
+        # reorder by index, its backward is a sum, not a scatter (pure-grad differentiates it)
+        cache.batch_repeat_interleave(split.k)  # [k n] rows
+    full_mask = torch.cat([split.prefix_mask.repeat_interleave(split.k, dim=0), split.suffix_mask], dim=1)  # [k n, P + S]
     output = None
     with layer_handlers(model, mllm.adapter.decoder_layers, handlers):
         try:

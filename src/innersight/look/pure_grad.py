@@ -109,7 +109,7 @@ def shared_prefix_pixel_gradients(mllm: Any, batch: Any, n: int) -> torch.Tensor
             keeper.keep(cache, split.prefix_ids[0], split.image_inputs)
         output = suffix_pass(mllm, split, cache, {}, **last_logits_kwargs(model))
         assert output is not None
-        value = answer_confidence(output.logits)  # [2n]
+        value = split.to_joint(answer_confidence(output.logits))  # [2n] questions, then generic rows
         (question,) = torch.autograd.grad(value[:n].sum(), [pixels], retain_graph=True)
         (generic,) = torch.autograd.grad(value[n:].sum(), [pixels])
     return torch.cat([question, generic]).detach()  # like the joint batch's pixel_values
