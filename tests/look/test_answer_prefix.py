@@ -161,14 +161,67 @@ def test_fallback_with_generation_settings_that_add_rows(tiny_mllm):
                                                                  "why": "generation settings num_beams"}
 
 
-def test_fallback_batch_of_two_equals_before(tiny_mllm, monkeypatch):
-    mllm = tiny_mllm("llava_next")
-    images, questions = [_scene(seed=6), _scene(70, 90, seed=7)], [QUESTION, "what colour is the star?"]
-    answers = mllm.answer_batch(images, questions, methods=["vicrop-rel-att"], settings=SETTINGS, max_new_tokens=4)
-    assert all(a.details["vicrop-rel-att"]["answer_prefix"] == {"reused": False, "why": "batch > 1"} for a in answers)
+def _batch_scores(mllm, images, questions, methods, settings, tokens=4, **generation):
+    scores = Scores()
+    answers = mllm.answer_batch(images, questions, methods=list(methods), settings=settings,
+                                max_new_tokens=tokens, logits_processor=[scores], **generation)
+    return answers, scores
+
+
+@pytest.mark.parametrize("family,variant", [("llava", "rel-att"), ("llava_next", "rel-att"),
+                                            ("llava", "grad-att"), ("llava_next", "pure-grad")])
+def test_batch_continues_from_the_prefix_as_from_the_prompt(tiny_mllm, monkeypatch, family, variant):
+    """A batch of three (images of different sizes, questions of different lengths: every row
+    padded differently in the prompt batch, and on LLaVA-NeXT different image token counts) answers
+    from the kept prefix rows: same tokens and every step's scores as the left-padded prompt batch,
+    less decoder work."""
+    mllm = tiny_mllm(family)
+    name = f"vicrop-{variant}"
+    settings = {name: {"layer": 1}}
+    images = [_scene(seed=6), _scene(70, 90, seed=7), _scene(120, 50, seed=8)]
+    questions = [QUESTION, "what colour is the star?", "is it?"]
+    reused_work, (answers, reused_scores) = _layer0_positions(
+        mllm, lambda: _batch_scores(mllm, images, questions, (name,), settings))
+    for a in answers:
+        detail = a.details[name]["answer_prefix"]
+        assert detail["reused"] is True and detail["tokens"] > 0, detail
     _without_reuse(monkeypatch)
-    before = mllm.answer_batch(images, questions, methods=["vicrop-rel-att"], settings=SETTINGS, max_new_tokens=4)
+    plain_work, (before, plain_scores) = _layer0_positions(
+        mllm, lambda: _batch_scores(mllm, images, questions, (name,), settings))
     assert [a.token_ids for a in answers] == [b.token_ids for b in before]
+    assert [a.box for a in answers] == [b.box for b in before]
+    assert len(reused_scores.steps) == len(plain_scores.steps) > 0
+    for x, y in zip(reused_scores.steps, plain_scores.steps):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert reused_work <= plain_work - answers[0].details[name]["answer_prefix"]["tokens"]
+
+
+def test_batch_with_rows_left_uncropped_continues_from_the_prefix(tiny_mllm, monkeypatch):
+    """The post-map gate leaves some rows with their image only: those rows' prompts hold no
+    later image, the others' crops are split off per sample."""
+    from innersight.look import gate
+
+    mllm = tiny_mllm("llava")
+    name = "vicrop-rel-att"
+    calls = []
+
+    def alternate(imap, threshold, statistic):
+        calls.append(imap)
+        return len(calls) % 2 == 1  # rows 0 and 2 crop, row 1 does not
+
+    monkeypatch.setattr(gate, "keeps_crop", alternate)
+    images = [_scene(seed=9), _scene(70, 90, seed=10), _scene(120, 50, seed=11)]
+    questions = [QUESTION, "what colour is the star?", "is it?"]
+    answers, scores = _batch_scores(mllm, images, questions, (name,), SETTINGS)
+    assert [a.box is not None for a in answers] == [True, False, True]
+    assert all(a.details[name]["answer_prefix"]["reused"] is True for a in answers)
+    calls.clear()
+    _without_reuse(monkeypatch)
+    monkeypatch.setattr(gate, "keeps_crop", alternate)
+    before, plain = _batch_scores(mllm, images, questions, (name,), SETTINGS)
+    assert [a.token_ids for a in answers] == [b.token_ids for b in before]
+    for x, y in zip(scores.steps, plain.steps):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_fallback_for_a_tiled_image(tiny_mllm):
@@ -177,7 +230,7 @@ def test_fallback_for_a_tiled_image(tiny_mllm):
     answer, _ = _answer(mllm, image, settings={"vicrop-rel-att": {"layer": 1, "tile_max_side": 60}})
     assert answer.details["vicrop-rel-att"]["tiles"] is not None
     assert answer.details["vicrop-rel-att"]["answer_prefix"] == {
-        "reused": False, "why": "no single one-sample prefix capture"}
+        "reused": False, "why": "the capture kept 3 prefix rows for 1 answer rows (tiles?)"}
 
 
 def test_fallback_for_the_joint_capture(tiny_mllm):
@@ -279,13 +332,13 @@ def test_cache_layers_rebuild_the_cache(tiny_mllm):
 
 def test_keeper_refuses_an_unexpected_cache_layout():
     class Layer:
-        keys = values = torch.zeros(2, 1, 4, 3)  # two rows: not a one-sample prefix
+        keys = values = torch.zeros(2, 1, 4, 3)  # two rows for a one-sample prefix
 
     class Cache:
         layers = [Layer()]
 
     with pytest.raises(RuntimeError, match="cache layout"):
-        AP.PrefixKeeper().keep(Cache(), torch.arange(4), {})
+        AP.PrefixKeeper().keep(Cache(), [torch.arange(4)], {})
 
 
 def test_verify_fails_loudly_when_generate_ignores_the_cache(tiny_mllm):

@@ -4,6 +4,7 @@ on every family, against the full-logits computation."""
 from __future__ import annotations
 
 import functools
+
 import numpy as np
 import pytest
 import torch

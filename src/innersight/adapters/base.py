@@ -625,19 +625,32 @@ class Adapter(ABC):
         return {k: v[:images] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
 
     def split_image_inputs(self, batch: Batch, first: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """The :attr:`prefix_image_inputs` of a one-sample ``batch`` split after its first
-        ``first`` images: (those images' inputs, the later images' inputs). A prompt whose first
-        images are already in a KV cache continues with the later images' inputs only (ViCrop
-        rel-att's answer from its capture's prefix, :mod:`innersight.look.answer_prefix`).
+        """The :attr:`prefix_image_inputs` of ``batch`` split after each sample's first ``first``
+        images: (those images' inputs, the later images' inputs), each in sample order. Prompts
+        whose first images are already in a KV cache continue with the later images' inputs only
+        (ViCrop's answer from its map's prefix, :mod:`innersight.look.answer_prefix`).
 
         The base: one leading row per image in every input, as :meth:`sample_image_inputs`
         assumes; None (no split: the caller runs the whole prompt) where the family shares no
-        prefix or the batch holds several samples. A family whose rows are not one per image
-        (tiles, one row per sample, per-sample counts) overrides it."""
-        if not self.prefix_image_inputs or len(batch) != 1:
+        prefix or an input's rows are not one per image. A family whose rows are not one per
+        image (tiles, one row per sample, per-sample counts) overrides it."""
+        import torch
+
+        if not self.prefix_image_inputs:
             return None
         keys = [k for k in self.prefix_image_inputs if k in batch.inputs]
-        return ({k: batch.inputs[k][:first] for k in keys}, {k: batch.inputs[k][first:] for k in keys})
+        head: list[int] = []
+        tail: list[int] = []
+        offset = 0
+        for sizes in batch.image_sizes:  # the images of each sample, in order
+            m = len(sizes)
+            head.extend(range(offset, offset + min(first, m)))
+            tail.extend(range(offset + min(first, m), offset + m))
+            offset += m
+        if any(int(batch.inputs[k].shape[0]) != offset for k in keys):
+            return None
+        pick = lambda rows, k: batch.inputs[k][torch.tensor(rows, dtype=torch.long, device=batch.inputs[k].device)]  # noqa: E731
+        return ({k: pick(head, k) for k in keys}, {k: pick(tail, k) for k in keys})
 
     def same_image_inputs(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
         """Whether two sets of :attr:`prefix_image_inputs` (e.g. from :meth:`sample_image_inputs`

@@ -53,19 +53,23 @@ _KEEPER: contextvars.ContextVar[PrefixKeeper | None] = contextvars.ContextVar("i
 
 @dataclass
 class KeptPrefix:
-    """A capture's prefix for one sample: its ids, the image inputs it encoded and every decoder
-    layer's keys and values over it."""
+    """A map's prefix for its samples: each sample's prefix ids, the image inputs it encoded and
+    every decoder layer's keys and values over the left-padded prefix rows."""
 
-    ids: torch.Tensor  # [P] the prefix's token ids (no padding)
+    ids: list[torch.Tensor]  # per sample: [c_i] the prefix's token ids (no padding)
     image_inputs: dict[str, Any]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [1, H_kv, P, D]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: keys, values [n, H_kv, P, D]
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
 class PrefixKeeper:
-    """Collects the pair capture's prefix while an answer that may continue from it is being
-    prepared (:func:`keeping_prefix`). Only a scope with exactly one one-sample capture keeps
-    one: several captures (tiles, chunks) leave nothing to continue from."""
+    """Collects the map's prefix while an answer that may continue from it is being prepared
+    (:func:`keeping_prefix`). Only a scope with exactly one capture keeps one: several captures
+    (tiles, chunks) leave nothing to continue from."""
 
     captures: int = 0
     kept: KeptPrefix | None = None
@@ -75,19 +79,20 @@ class PrefixKeeper:
         and values are in the cache (the pass needs no hidden state above them)."""
         return len(decoder_layers) - 1
 
-    def keep(self, cache: Any, prefix_ids: torch.Tensor, image_inputs: dict[str, Any]) -> None:
-        """Record the prefix pass's cache (one row, every layer filled over ``prefix_ids`` [P]),
-        before the suffix pass grows it. The tensors are referenced, not copied: the suffix pass
+    def keep(self, cache: Any, prefix_ids: list[torch.Tensor], image_inputs: dict[str, Any]) -> None:
+        """Record the prefix pass's cache (one left-padded row per sample, every layer filled
+        over the widest prefix; ``prefix_ids``: each sample's ids, unpadded) before the suffix
+        pass grows it. The tensors are referenced (detached), not copied: the suffix pass
         replaces them in the cache (row repeat, concatenation) and never writes into them."""
         self.captures += 1
         # detached: a gradient map's prefix pass records a graph the answer must not keep alive
         layers = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
-        length = prefix_ids.numel()
-        if any(k.shape[0] != 1 or k.shape[-2] != length or v.shape[-2] != length for k, v in layers):
-            raise RuntimeError(f"the prefix pass's KV cache is not one row of {length} positions per layer "
+        rows, width = len(prefix_ids), max(int(ids.numel()) for ids in prefix_ids)
+        if any(k.shape[0] != rows or k.shape[-2] != width or v.shape[:-1] != k.shape[:-1] for k, v in layers):
+            raise RuntimeError(f"the prefix pass's KV cache is not {rows} row(s) of {width} positions per layer "
                                f"({[tuple(k.shape) for k, _ in layers]}): the transformers cache layout changed")
         images = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in image_inputs.items()}
-        self.kept = KeptPrefix(prefix_ids.clone(), images, layers) if self.captures == 1 else None
+        self.kept = KeptPrefix([ids.clone() for ids in prefix_ids], images, layers) if self.captures == 1 else None
 
 
 def active_keeper() -> PrefixKeeper | None:
@@ -97,8 +102,8 @@ def active_keeper() -> PrefixKeeper | None:
 
 @contextlib.contextmanager
 def keeping_prefix() -> Iterator[PrefixKeeper]:
-    """A scope whose one-sample pair capture keeps its full prefix cache (:class:`PrefixKeeper`);
-    the scope is closed on exit, exception included."""
+    """A scope whose pair capture keeps its full prefix cache (:class:`PrefixKeeper`); the scope
+    is closed on exit, exception included."""
     keeper = PrefixKeeper()
     token = _KEEPER.set(keeper)
     try:
@@ -114,6 +119,25 @@ def prefix_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -
     cache = DynamicCache()
     for index, (keys, values) in enumerate(layers):
         cache.update(keys[:, :, :length], values[:, :, :length], index)  # [1, H_kv, length, D]
+    return cache
+
+
+def aligned_cache(kept: KeptPrefix, common: list[int]) -> Any:
+    """A new ``DynamicCache`` of the first ``common[i]`` prefix positions of each sample ``i``,
+    left-padded with zeros to ``max(common)`` (the padded positions are masked)."""
+    from transformers import DynamicCache
+
+    width = max(common)
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(kept.layers):
+        p = keys.shape[-2]  # the kept rows' width: sample i's prefix at its last len(ids[i]) columns
+        out_k = keys.new_zeros((len(common), keys.shape[1], width, keys.shape[-1]))  # [B, H_kv, W, D]
+        out_v = values.new_zeros((len(common), values.shape[1], width, values.shape[-1]))
+        for i, c in enumerate(common):
+            first = p - int(kept.ids[i].numel())
+            out_k[i, :, width - c:] = keys[i, :, first:first + c]
+            out_v[i, :, width - c:] = values[i, :, first:first + c]
+        cache.update(out_k, out_v, index)
     return cache
 
 
@@ -134,18 +158,25 @@ class AnswerPrefix:
             return None
 
     def _start(self, mllm: Any, batch: Batch) -> Any:
+        """Row ``i`` of the answer batch becomes ``[pads][c_i cached prefix tokens][pads][the
+        rest but the last token][the last token]``: the cache holds the first two parts (the
+        kept prefix, left-padded to the widest) and the prefill the third (left-padded to the
+        widest). generate's positions count the mask (``cumsum``), so every real token keeps the
+        position it has in its own prompt, as in the left-padded prompt batch."""
         from ..flow import Continuation
         from .prefix import common_length  # prefix.py imports this module's keeper
 
         kept, adapter, model = self.kept, mllm.adapter, mllm.model
         if kept is None:
-            raise _Fallback("no single one-sample prefix capture")
-        if len(batch) != 1:
-            raise _Fallback("batch > 1")
-        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # [1, L]
+            raise _Fallback("no single prefix capture")
+        rows = len(batch)
+        if rows != kept.rows:
+            raise _Fallback(f"the capture kept {kept.rows} prefix rows for {rows} answer rows (tiles?)")
+        ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # [B, L]
         length = ids.shape[1]
-        if int(mask.min()) != 1:
-            raise _Fallback("padded prompt")
+        starts = [int(length - mask[r].sum()) for r in range(rows)]
+        if any(int(mask[r, starts[r]:].min()) != 1 for r in range(rows)):
+            raise _Fallback("the prompt is not left-padded")
         if set(batch.inputs) - {"input_ids", "attention_mask"} - set(adapter.prefix_image_inputs):
             raise _Fallback("inputs beyond the ids, the mask and the image inputs")
         split = adapter.split_image_inputs(batch, 1)
@@ -154,36 +185,61 @@ class AnswerPrefix:
         head, tail = split
         if not adapter.same_image_inputs(head, kept.image_inputs):
             raise _Fallback("the answer's first image is not the captured image")
-        common = common_length(ids[0].cpu(), kept.ids.cpu())
-        layouts = batch.layouts[0]
-        first_end = int(layouts[0].positions.max()) + 1
-        later = [int(p) for lay in layouts[1:] for p in (lay.positions.min(), lay.positions.max())]
-        if common < first_end:
-            raise _Fallback("the first image's tokens are not all in the common prefix")
-        common = min(common, length - 1)  # generate runs at least the prompt's last token
-        if later and (min(later) < common or max(later) >= length - 1):
-            raise _Fallback("a later image's tokens straddle the cached prefix or the last token")
-        cache = prefix_cache(kept.layers, common)
-        name = cache_argument(model.forward)
+        common, rests, later_images = [], [], False
+        for r in range(rows):
+            row = ids[r, starts[r]:]  # [l_r] the prompt without its padding
+            c = common_length(row.cpu(), kept.ids[r].cpu())
+            layouts = batch.layouts[r]
+            first_end = int(layouts[0].positions.max()) + 1 - starts[r]
+            later = [int(p) - starts[r] for lay in layouts[1:] for p in (lay.positions.min(), lay.positions.max())]
+            if c < first_end:
+                raise _Fallback("the first image's tokens are not all in the common prefix")
+            c = min(c, row.numel() - 1)  # generate runs at least the prompt's last token
+            if later and (min(later) < c or max(later) >= row.numel() - 1):
+                raise _Fallback("a later image's tokens straddle the cached prefix or the last token")
+            later_images = later_images or bool(later)
+            common.append(c)
+            rests.append(row[c:-1])  # [l_r - 1 - c] prefilled on the cache
+        cache = aligned_cache(kept, common)
+        width, rest_width = max(common), max(int(t.numel()) for t in rests)
         device = ids.device
-        if common < length - 1:
-            images = tail if later else {}
-            position_ids = torch.arange(common, length - 1, device=device)[None]  # [1, L - 1 - c]
+        pad = int(ids[0, 0]) if starts[0] else 0
+        if adapter.tokenizer is not None and adapter.tokenizer.pad_token_id is not None:
+            pad = int(adapter.tokenizer.pad_token_id)
+        prefix_mask = torch.zeros((rows, width), dtype=mask.dtype, device=device)  # [B, W]
+        rest_ids = torch.full((rows, rest_width), pad, dtype=ids.dtype, device=device)  # [B, R]
+        rest_mask = torch.zeros((rows, rest_width), dtype=mask.dtype, device=device)  # [B, R]
+        rest_positions = torch.zeros((rows, rest_width), dtype=torch.long, device=device)  # [B, R]
+        prefix_ids = torch.full((rows, width), pad, dtype=ids.dtype, device=device)  # [B, W]
+        for r in range(rows):
+            c, n = common[r], int(rests[r].numel())
+            prefix_mask[r, width - c:] = 1
+            prefix_ids[r, width - c:] = ids[r, starts[r]:starts[r] + c]
+            if n:
+                rest_ids[r, rest_width - n:] = rests[r]
+                rest_mask[r, rest_width - n:] = 1
+                rest_positions[r, rest_width - n:] = torch.arange(c, c + n, device=device)
+        name = cache_argument(model.forward)
+        if rest_width:
             with torch.inference_mode(), layer_handlers(model, adapter.decoder_layers,
                                                         {len(adapter.decoder_layers) - 1: stop_forward}):
                 try:
-                    model(input_ids=ids[:, common:length - 1], attention_mask=mask[:, :length - 1],
-                          position_ids=position_ids, use_cache=True, **{name: cache}, **images)
+                    model(input_ids=rest_ids, attention_mask=torch.cat([prefix_mask, rest_mask], dim=1),
+                          position_ids=rest_positions, use_cache=True, **{name: cache},
+                          **(tail if later_images else {}))
                 except StopForward:
                     pass
-        if cache.get_seq_length() != length - 1:
-            raise RuntimeError(f"the answer prefill left {cache.get_seq_length()} cached positions, not {length - 1}: "
-                               "the model did not fill the cache it was given")
-        self.outcome = {"reused": True, "tokens": common, "prefilled": length - 1 - common}
-        inputs = {"input_ids": ids, "attention_mask": mask}
+        if cache.get_seq_length() != width + rest_width:
+            raise RuntimeError(f"the answer prefill left {cache.get_seq_length()} cached positions, not "
+                               f"{width + rest_width}: the model did not fill the cache it was given")
+        self.outcome = {"reused": True, "tokens": sum(common), "prefilled": sum(int(t.numel()) for t in rests)}
+        last = ids[:, -1:]  # [B, 1] every row's last prompt token (left padding)
+        inputs = {"input_ids": torch.cat([prefix_ids, rest_ids, last], dim=1),  # [B, W + R + 1]
+                  "attention_mask": torch.cat([prefix_mask, rest_mask, torch.ones_like(last, dtype=mask.dtype)], dim=1)}
+        total = width + rest_width + 1
 
         def verify() -> None:
-            if cache.get_seq_length() < length:
+            if cache.get_seq_length() < total:
                 raise RuntimeError("generate did not continue from the prefilled KV cache "
                                    f"(still {cache.get_seq_length()} positions): its cache argument changed")
 
@@ -200,8 +256,6 @@ def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions:
     from the capture's prefix where exact (module docstring); records ``answer_prefix`` in each
     sample's ``details[method.name]``."""
     conflict = getattr(generate, "prefill_conflict", "the caller's generate takes no prefill")
-    if conflict is None and len(questions) != 1:
-        conflict = "batch > 1"
     if conflict is not None:
         lists, extras = method.apply(mllm, image_lists, questions, template)
         out = generate(lists, questions)

@@ -268,7 +268,7 @@ def shared_prefix_grad_att(mllm: Any, batch: Batch, capture: AttentionCapture) -
         cache = prefix_pass(mllm, split, last)
     keeper = answer_keeper(split)
     if keeper is not None:
-        keeper.keep(cache, split.prefix_ids[0], split.image_inputs)
+        keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
     with grad_from(adapter.decoder_layers[capture.layer], model):
         output = suffix_pass(mllm, split, cache, {capture.layer: capture.handler}, **last_logits_kwargs(model))
         assert output is not None

@@ -125,6 +125,10 @@ class PrefixSplit:
     def width(self) -> int:
         return int(self.prefix_ids.shape[1])
 
+    def sample_prefixes(self) -> list[torch.Tensor]:
+        """Each sample's prefix ids without padding: n x [c_i]."""
+        return [self.prefix_ids[i, self.width - c:] for i, c in enumerate(self.common)]
+
     def to_joint(self, rows: torch.Tensor) -> torch.Tensor:
         """Suffix-pass rows ``[k n, ...]`` (sample-major) in the joint batch's row order."""
         inverse = [0] * len(self.order)
@@ -231,10 +235,10 @@ def _check_length(cache: Any, expected: int, which: str) -> None:
 
 
 def answer_keeper(split: PrefixSplit) -> Any:
-    """The keeper of the answer that may continue from this one-sample prefix
+    """The keeper of the answer that may continue from this prefix
     (:mod:`innersight.look.answer_prefix`; its prefix pass must then run every layer, and the
     cache is kept before the suffix pass grows it); None when no answer will."""
-    return active_keeper() if split.n == 1 else None
+    return active_keeper()
 
 
 def suffix_pass(mllm: Any, split: PrefixSplit, cache: Any, handlers: dict[int, Any], **kwargs: Any) -> Any:
@@ -278,6 +282,6 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
         keeper = answer_keeper(split)
         cache = prefix_pass(mllm, split, layer if keeper is None else keeper.stop_layer(mllm.adapter.decoder_layers))
         if keeper is not None:
-            keeper.keep(cache, split.prefix_ids[0], split.image_inputs)
+            keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
         suffix_pass(mllm, split, cache, {layer: capture_handler})
     return split.scatter(capture_probs())  # [2n, H, L]

@@ -106,7 +106,7 @@ def shared_prefix_pixel_gradients(mllm: Any, batch: Any, n: int) -> torch.Tensor
         cache = prefix_pass(mllm, split, last, {**split.image_inputs, "pixel_values": pixels})
         keeper = answer_keeper(split)
         if keeper is not None:
-            keeper.keep(cache, split.prefix_ids[0], split.image_inputs)
+            keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
         output = suffix_pass(mllm, split, cache, {}, **last_logits_kwargs(model))
         assert output is not None
         value = split.to_joint(answer_confidence(output.logits))  # [2n] questions, then generic rows
