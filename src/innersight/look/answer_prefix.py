@@ -21,12 +21,17 @@ Here, where that is exact:
    ``attention_mask`` and no image inputs (transformers' "continue from a cache": it runs the
    tokens the cache does not hold, here the prompt's last one, then decodes as usual).
 
-Exact only when: one sample (rows with different left padding would need their cache rows
-re-aligned to the answer batch's padding: not done); the answer's first image is the image the
-capture encoded (the adapter compares the image inputs,
-:meth:`~innersight.adapters.base.Adapter.same_image_inputs`) and its tokens all lie in the common
-prefix; one capture ran in the scope (a tiled image's captures are tiles); the plan has no other
-method and generation settings that add nothing to the prompt
+A batch: the kept prefix has one left-padded row per sample; each answer row becomes ``[pads]
+[its cached prefix][pads][the rest of its prompt]`` (:meth:`AnswerPrefix._start`): padding in the
+middle is masked, and ``generate`` counts positions from the mask, so every token keeps the
+position it has in its own prompt (the tests compare every step's scores with the left-padded
+prompt batch's).
+
+Exact only when: the answer's first images are the images the capture encoded (the adapter
+compares the image inputs, :meth:`~innersight.adapters.base.Adapter.same_image_inputs`) and their
+tokens all lie in the common prefix; one capture ran in the scope, over the answer's samples (a
+tiled image's captures are tiles; more samples than one map chunk make several captures); the
+plan has no other method and generation settings that add nothing to the prompt
 (:meth:`innersight.flow.Plan.prefill_conflict`: attention methods, negative branches, VISTA...
 read or change the prefill). Otherwise the answer is generated from the prompt as before, and
 ``details[<method>]["answer_prefix"]`` says which path ran and why.
