@@ -112,9 +112,18 @@ def batch_call(mllm: Any, methods: list[str], settings: dict[str, dict[str, Any]
 
     def call(extra: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
         answers = plan.run(mllm, images, questions, **generation, **extra)
-        return [t for a in answers for t in a.token_ids], {"batch": batch}
+        # whether each ViCrop answer continued from its map's prefix cache (look/answer_prefix.py)
+        reused = [d["answer_prefix"]["reused"] for a in answers for d in a.details.values()
+                  if isinstance(d, dict) and "answer_prefix" in d]
+        return [t for a in answers for t in a.token_ids], {"batch": batch, "answer_prefix": reused}
 
     return call
+
+
+def _reused(measurements: list[Measurement]) -> str:
+    """How many of a variant's ViCrop answers continued from the map's prefix ("-": no ViCrop)."""
+    flags = [f for m in measurements for f in m.info.get("answer_prefix", [])]
+    return f"{sum(flags)}/{len(flags)}" if flags else "-"
 
 
 def _method(variant: str) -> tuple[list[str], dict[str, dict[str, Any]] | None]:
@@ -335,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tput = {b: b / statistics.median(c.total_s for c in results[f"{m}@{b}"]) for b in sizes}
                 scaling[m] = tput
                 print(f"{m:<12}" + "".join(f"{tput[b] / tput[sizes[0]]:>13.2f}x ({tput[b]:.3f})" for b in sizes))
+            reuse = {name: _reused(results[name]) for name in results if _reused(results[name]) != "-"}
+            if reuse:
+                print("answer continued from the map's prefix: " + ", ".join(f"{k} {v}" for k, v in reuse.items()))
             write_json(args.json, args, {}, results, scaling={m: {str(b): v for b, v in t.items()} for m, t in scaling.items()})
             return 0
         variants = [v for v in (args.variants.split(",") if args.variants else VARIANTS)
@@ -352,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return f"{_ratio(r['total_s'], ref['total_s']):.2f}" if ref else ""
 
     print(header(args) + f" batch={args.batch} load_after={os.getloadavg()[0]:.1f}")
-    print(table(rows, {"x reference (total)": x_ref, "proxy target (total)": target}))
+    print(table(rows, {"x reference (total)": x_ref, "proxy target (total)": target,
+                       "answer from prefix": lambda name, r: _reused(results[name])}))
     if "rel-att" in rows and "rel-att-joint" in rows:
         same = rows["rel-att"]["token_ids"] == rows["rel-att-joint"]["token_ids"]
         print(f"rel-att shared prefix / joint: total x{_ratio(rows['rel-att']['total_s'], rows['rel-att-joint']['total_s']):.2f}, "
