@@ -344,6 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 tput = {b: b / statistics.median(c.total_s for c in results[f"{m}@{b}"]) for b in sizes}
                 scaling[m] = tput
                 print(f"{m:<12}" + "".join(f"{tput[b] / tput[sizes[0]]:>13.2f}x ({tput[b]:.3f})" for b in sizes))
+            # the time to the first token (image processing, maps, crop, prefill) per sample: what
+            # batching must cut for a prefill-bound method to scale
+            print("time to the first token per sample, relative to batch 1 of the same method (s per sample in brackets)")
+            for m in methods:
+                first = {b: statistics.median(c.first_s for c in results[f"{m}@{b}"]) / b for b in sizes}
+                print(f"{m:<12}" + "".join(f"{first[b] / first[sizes[0]]:>13.2f}x ({first[b]:.3f})" for b in sizes))
             reuse = {name: _reused(results[name]) for name in results if _reused(results[name]) != "-"}
             if reuse:
                 print("answer continued from the map's prefix: " + ", ".join(f"{k} {v}" for k, v in reuse.items()))
