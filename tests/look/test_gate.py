@@ -185,6 +185,9 @@ def test_crop_is_vicrops_answer(mllm):
     assert [a.prompt for a in always] == [a.prompt for a in vicrop]
     assert [a.box for a in always] == [a.box for a in vicrop]
     assert all(a.details["vicrop-gated"]["cropped"] for a in always)
+    # the crop answers continued from the map's prefix cache, as ViCrop's own do
+    assert all(a.details["vicrop-gated"]["answer_prefix"]["reused"] for a in always)
+    assert all(v.details["vicrop-rel-att"]["answer_prefix"]["reused"] for v in vicrop)
     for a, v in zip(always, vicrop):
         np.testing.assert_array_equal(a.maps["importance"], v.maps["importance"])
 
