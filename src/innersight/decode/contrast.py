@@ -108,9 +108,10 @@ from typing import Any
 
 import torch
 from transformers import LogitsProcessor
+from transformers.cache_utils import DynamicLayer
 
 from ..adapters.base import ImageRows
-from ..attention import handler_rows
+from ..attention import IMPLEMENTATION, handler_rows, innersight_text_attention, packed_rows, text_attention
 from ..errors import MethodError
 from ..generation_calls import cache_argument, find_cache, output_cache
 from ..hooks import HookHandles
@@ -119,6 +120,9 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 BRANCH_MODES = ("batched", "serial")
+#: how a batched branch stores its rows in the shared cache: at their own length ("packed") or
+#: left-padded to the main prompt's length ("padded", the fallback)
+NEGATIVE_CACHES = ("packed", "padded")
 
 
 # ---------------------------------------------------------------------- the contrast
@@ -385,7 +389,7 @@ def _merge_into(main: Any, negative: Any, pad: int) -> bool:
     the main layer's stored length is exactly the sliding cache of the padded prompt; the layer's
     position count (``cumulative_length``) stays the main prompt's, which the padded rows share.
     Any other layer type, or layers of different types or windows: False (nothing changed)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
     if not main_layers or not neg_layers or len(main_layers) != len(neg_layers):
@@ -410,6 +414,120 @@ def _merge_into(main: Any, negative: Any, pad: int) -> bool:
     return True
 
 
+@dataclass
+class _PackedState:
+    """What the packed layers of one branch share: the negative rows' count and this step's
+    attention mask over their own positions, ``[B, 1, 1, Ln + t]`` bool (None: no padding)."""
+
+    rows: int
+    mask: torch.Tensor | None = None
+
+
+class PackedLayer(DynamicLayer):
+    """A ``DynamicLayer`` of the shared cache whose negative rows are kept apart, at their own
+    length (see the module doc, "The packed negative cache").
+
+    What ``generate`` and the model's bookkeeping read (``keys``, ``values``, ``get_seq_length``,
+    ``get_mask_sizes``) is the main rows' ``B`` rows, exactly as in a plain run. ``update`` takes
+    the ``2B`` rows of a batched step: rows ``:B`` go to the main store (returned, as
+    ``DynamicLayer`` does), rows ``B:`` to the negative store; the attention dispatcher
+    (:func:`innersight.attention.packed_rows`) then asks :meth:`tail_inputs` for the negative
+    keys, values and mask. Every convention this relies on is checked, loudly."""
+
+    _layer_type = None  # never registered as a layer type of transformers' cache mappings
+
+    def __init__(self, plain: Any, negative_keys: torch.Tensor, negative_values: torch.Tensor,
+                 state: _PackedState) -> None:
+        super().__init__()
+        self.__dict__.update(vars(plain))  # keys, values and the plain layer's own state
+        self.plain = plain
+        self.negative_keys = negative_keys  # [B, Hkv, Ln, d]
+        self.negative_values = negative_values  # [B, Hkv, Ln, d]
+        self.state = state
+        #: the main keys the last update returned, until the attention has read the negative rows
+        self.pending: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.state.rows
+        if key_states.shape[0] != 2 * rows:
+            raise MethodError(f"packed negative cache: a forward of {key_states.shape[0]} rows, not the "
+                              f"{2 * rows} of a batched step (main + negative rows)")
+        if self.pending is not None:
+            raise MethodError("packed negative cache: the attention did not read the negative rows of the previous "
+                              "forward (it does not run through innersight's attention dispatcher)")
+        keys, values = super().update(key_states[:rows], value_states[:rows], *args, **kwargs)  # [B, Hkv, Lm+t, d]
+        self.negative_keys = torch.cat([self.negative_keys, key_states[rows:]], dim=-2)  # [B, Hkv, Ln+t, d]
+        self.negative_values = torch.cat([self.negative_values, value_states[rows:]], dim=-2)
+        self.pending = keys
+        return keys, values
+
+    def tail_inputs(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """The negative rows' ``(keys, values, mask)`` for the attention of the forward that just
+        updated this layer (None when no update is pending: a forward on another cache)."""
+        if self.pending is None:
+            return None
+        if key is not self.pending:
+            raise MethodError("packed negative cache: the attention received other keys than its cache layer returned "
+                              "(the model transforms them between the cache and the attention function)")
+        if query.shape[0] != 2 * self.state.rows or query.shape[2] != 1:
+            raise MethodError(f"packed negative cache: a query of shape {tuple(query.shape)}, not one position of "
+                              f"{2 * self.state.rows} rows")
+        mask = self.state.mask
+        if mask is not None and mask.shape[-1] != self.negative_keys.shape[-2]:
+            raise MethodError("packed negative cache: the negative mask and the negative store disagree in length")
+        self.pending = None
+        return self.negative_keys, self.negative_values, mask
+
+    @property
+    def negative_length(self) -> int:
+        """Positions held for the negative rows (their own prompt plus the steps so far)."""
+        return int(self.negative_keys.shape[-2])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise MethodError("packed negative cache: crop to an absolute length is not supported")
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            self.negative_keys = self.negative_keys[..., :tokens_to_remove, :]
+            self.negative_values = self.negative_values[..., :tokens_to_remove, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise MethodError("packed negative cache: generate reordered the cache rows (beam search is not supported)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise MethodError("packed negative cache: generate reordered the cache rows (beam search is not supported)")
+
+    def unpacked(self) -> Any:
+        """The plain layer this one replaced, holding the main rows' keys and values now."""
+        self.plain.keys, self.plain.values = self.keys, self.values
+        return self.plain
+
+
+def _why_not_packed(main: Any, negative: Any, layers: Any, model: Any) -> str | None:
+    """Why the negative rows cannot be packed into ``main`` (None: they can). The packed layers
+    replace plain ``DynamicLayer`` layers only, and need the attention of decoder layer ``i`` to
+    update cache layer ``i`` and to run through innersight's dispatcher (SDPA)."""
+    main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
+    if getattr(main, "offloading", False):
+        return "the KV cache is offloaded"
+    if not main_layers or not neg_layers or len(main_layers) != len(neg_layers) or len(main_layers) != len(layers):
+        return "the KV cache's layers do not match the decoder's layers one to one"
+    kinds = {type(x).__name__ for x in [*main_layers, *neg_layers] if type(x) is not DynamicLayer}
+    if kinds:
+        return (f"the KV cache holds {', '.join(sorted(kinds))} layers (only plain DynamicLayer layers are packed; "
+                "a sliding window keeps the padded rows' last positions)")
+    if not all(x.is_initialized for x in [*main_layers, *neg_layers]):
+        return "a KV cache layer was not filled at the prefill"
+    for i, layer in enumerate(layers):
+        if getattr(layer.self_attn, "layer_idx", None) != i:
+            return f"decoder layer {i}'s attention does not say it updates cache layer {i} (layer_idx)"
+    current = text_attention(model)
+    if current not in ("sdpa", IMPLEMENTATION):
+        return f"the text attention is {current!r}; the packed rows run through innersight's SDPA dispatcher"
+    return None
+
+
 class NegativeBranch:
     """A negative prompt stepped alongside ``generate`` with its own KV cache (see the module doc).
 
@@ -420,13 +538,22 @@ class NegativeBranch:
     Attention-method handlers act on the main rows only (see the module doc).
     """
 
-    def __init__(self, adapter: Any, build: Callable[[], NegativeInputs], *, mode: str = "batched") -> None:
+    def __init__(self, adapter: Any, build: Callable[[], NegativeInputs], *, mode: str = "batched",
+                 negative_cache: str = "packed") -> None:
         if mode not in BRANCH_MODES:
             raise MethodError(f"negative branch mode must be one of {', '.join(BRANCH_MODES)}, not {mode!r}")
+        if negative_cache not in NEGATIVE_CACHES:
+            raise MethodError(f"negative cache must be one of {', '.join(NEGATIVE_CACHES)}, not {negative_cache!r}")
         self.adapter = adapter
         self.module = adapter.generation_module
         self._build = build
         self.requested = mode
+        #: the batched mode's cache layout asked for, and the one used with the reason (None before)
+        self.requested_cache = negative_cache
+        self.negative_cache: str | None = None
+        self.negative_cache_why: str | None = None
+        self._packed: list[PackedLayer] = []  # the shared cache's packed layers (packed mode)
+        self._packed_state: _PackedState | None = None
         #: how the branch ran: None before the prefill, then "batched" or "serial"
         self.mode: str | None = None
         self.inputs: NegativeInputs | None = None
@@ -474,10 +601,13 @@ class NegativeBranch:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if self.mode == "batched" and self.cache is not None and self._rows:
+            if self._packed:
+                self._unpack()  # the shared cache back to plain layers of the main rows
+            elif self.mode == "batched" and self.cache is not None and self._rows:
                 # the shared cache back to the main rows only (it may outlive generate)
                 self.cache.batch_select_indices(torch.arange(self._rows))
         finally:
+            self._packed = []
             self._scope.close()
             self._handles.remove()
             self.cache = None
@@ -495,11 +625,59 @@ class NegativeBranch:
 
     def details(self) -> dict[str, Any]:
         """How the branch ran, for the answer's ``details``: ``{"mode": ..., "requested": ...}``
-        plus ``"fallback"`` (the reason) when ``batched`` was asked for and could not be used."""
+        plus ``"fallback"`` (the reason) when ``batched`` was asked for and could not be used; in
+        the batched mode ``"negative_cache"``: ``"packed"`` (the negative rows at their own length)
+        or ``"padded"`` with ``"why"`` (the reason, or ``"requested"``)."""
         out: dict[str, Any] = {"mode": self.mode, "requested": self.requested}
         if self.fallback is not None:
             out["fallback"] = self.fallback
+        if self.mode == "batched" and self.negative_cache is not None:
+            out["negative_cache"] = self.negative_cache
+            if self.negative_cache_why is not None:
+                out["why"] = self.negative_cache_why
         return out
+
+    @property
+    def negative_length(self) -> int | None:
+        """Positions the packed negative store holds now (its own prompt plus the steps so far);
+        None unless the branch runs packed."""
+        return self._packed[0].negative_length if self._packed else None
+
+    # ------------------------------------------------------------------ the packed negative cache
+    def _pack(self, main: Any, negative: Any) -> str | None:
+        """Put the negative rows into ``main`` at their own length (:class:`PackedLayer`), route the
+        decoder's attention through innersight's dispatcher for the rest of the call, and return
+        None; or return why they cannot be packed (nothing changed)."""
+        if self.requested_cache == "padded":
+            return "requested"
+        why = _why_not_packed(main, negative, self._layers, self.adapter.model)
+        if why is not None:
+            return why
+        state = _PackedState(rows=self._rows)
+        self._packed_state = state
+        for i, (plain, neg) in enumerate(zip(main.layers, negative.layers)):
+            layer = PackedLayer(plain, neg.keys.to(plain.keys.device), neg.values.to(plain.values.device), state)
+            main.layers[i] = layer
+            self._packed.append(layer)
+        self._scope.enter_context(packed_rows(self._layers, dict(enumerate(self._packed))))
+        self._scope.enter_context(innersight_text_attention(self.adapter.model))
+        return None
+
+    def _unpack(self) -> None:
+        """Replace each packed layer of the shared cache by the plain layer it stood for, holding the
+        main rows' keys and values (the negative store is dropped)."""
+        assert self.cache is not None
+        for i, layer in enumerate(self.cache.layers):
+            if isinstance(layer, PackedLayer):
+                self.cache.layers[i] = layer.unpacked()
+
+    def _check_packed_read(self) -> None:
+        """After a batched step: every packed layer's negative rows were read by the attention."""
+        for i, layer in enumerate(self._packed):
+            if layer.pending is not None:
+                layer.pending = None
+                raise MethodError(f"packed negative cache: layer {i}'s attention did not read the negative rows "
+                                  "(it does not run through innersight's attention dispatcher)")
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, cache: Any, *, mask: torch.Tensor, positions: torch.Tensor,
@@ -614,10 +792,18 @@ class NegativeBranch:
             raise MethodError("negative branch: 4D attention masks (compiled caches) are not supported")
         if main_mask is None:
             main_mask = torch.ones(rows, total, dtype=torch.long, device=self._mask.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(rows, 1)], dim=1)  # [B, Lm + t]
-        if main_mask.shape[1] != self._mask.shape[1]:
+        self._mask = torch.cat([self._mask, self._mask.new_ones(rows, 1)], dim=1)  # [B, Lm + t] or packed [B, Ln + t]
+        negative_mask = self._mask
+        if self._packed_state is not None:
+            own = int(self._mask.shape[1])
+            if self._packed[0].negative_length + 1 != own or own > total:
+                raise MethodError("negative branch: the negative mask and the packed negative cache disagree in length")
+            # the model builds one [2B, 1, 1, Lm + t] mask; the packed rows read their own instead
+            negative_mask = torch.nn.functional.pad(self._mask, (total - own, 0))  # [B, Lm + t]
+            self._packed_state.mask = None if bool(self._mask.all()) else self._mask[:, None, None, :].bool()
+        if main_mask.shape[1] != negative_mask.shape[1]:
             raise MethodError("negative branch: the attention mask and the shared cache disagree in length")
-        kwargs["attention_mask"] = torch.cat([main_mask.to(self._mask.device).long(), self._mask], dim=0)
+        kwargs["attention_mask"] = torch.cat([main_mask.to(self._mask.device).long(), negative_mask], dim=0)
         positions = kwargs.get("position_ids")
         if positions is None:
             raise MethodError("negative branch: generate passed no position_ids; cannot batch the branches")
@@ -648,12 +834,18 @@ class NegativeBranch:
                                 "(an unknown calling convention of this transformers version)")
             elif pad < 0:
                 self._fall_back(f"the negative prompt ({self.inputs.length} tokens) is longer than the main prompt")
-            elif not _merge_into(main, negative, pad):
-                self._fall_back(f"the KV cache ({type(main).__name__}) is not a plain DynamicCache "
-                                "(static or quantised caches cannot take extra rows)")
+            else:
+                self.negative_cache_why = self._pack(main, negative)
+                if self.negative_cache_why is None:
+                    self.negative_cache = "packed"  # self._mask stays [B, Ln], the negative rows' own
+                elif _merge_into(main, negative, pad):
+                    self.negative_cache = "padded"
+                    self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]
+                else:
+                    self._fall_back(f"the KV cache ({type(main).__name__}) is not a plain DynamicCache "
+                                    "(static or quantised caches cannot take extra rows)")
             if self.fallback is None:
                 self.mode, self.cache = "batched", main
-                self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]
                 # from now on forwards carry 2B rows: attention handlers see the first B only
                 self._scope.enter_context(handler_rows(self._layers, rows))
             else:
@@ -662,6 +854,7 @@ class NegativeBranch:
             return None
         if self.mode != "batched":
             return None
+        self._check_packed_read()
         rows = self._rows
         logits = output.logits  # [2B, l, V]
         self.logits = logits[rows:, -1].float()  # [B, V]
