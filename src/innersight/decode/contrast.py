@@ -27,9 +27,10 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   model, see ``Adapter.generation_module``):
 
   - at the prefill the main forward runs untouched; its forward hook then runs the negative prompt
-    once on a fresh ``DynamicCache`` and appends those rows to the main cache (keys and values
-    left-padded with zeros to the main length; the padded positions are masked), so the cache
-    ``generate`` carries holds ``2B`` rows;
+    once on a fresh ``DynamicCache`` and puts those rows into the main cache: *packed* at their own
+    length (the default, see "The packed negative cache" below), or, where that cannot apply,
+    *padded* (appended as rows ``B..2B-1``, keys and values left-padded with zeros to the main
+    length; the padded positions are masked);
   - at every decoding step a forward pre-hook appends the negative rows to the inputs (the same
     chosen token, the negative attention mask, the negative positions continuing its own
     numbering), and the forward hook splits the ``[2B, 1, V]`` logits: ``generate`` sees its ``B``
@@ -46,8 +47,8 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   which ``generate`` passes at every step and the pre-hook extends; a missing one is refused
   loudly, never guessed. Greedy search and sampling never look at the cache's batch size. The
   main rows' keys, values, mask and positions are exactly those of a plain run. Sliding-window
-  cache layers (Gemma 3) are merged too: each keeps the last ``window - 1`` positions, which for
-  the left-padded negative prompt are its own last positions behind zeros. When the branch
+  cache layers (Gemma 3) take the padded merge: each keeps the last ``window - 1`` positions, which
+  for the left-padded negative prompt are its own last positions behind zeros. When the branch
   cannot batch (no cache found, ``use_cache=False``, a static or quantised cache) it runs
   serially with the same tokens and says so: :meth:`NegativeBranch.details`
   (copied into each answer's ``details`` and eval row) names the mode and the reason, and a
@@ -64,6 +65,40 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   runs them on the floor and the newest release).
 * ``serial``: one extra forward per step on the branch's own cache (last position only through
   the LM head), called from the logits processor.
+
+The packed negative cache
+-------------------------
+Padded, the negative rows cost the main row's length: DAMRO's negative prompt is the question
+with ``k`` outlier tokens (about 30 tokens on LLaVA-1.5) but its rows would hold the ~600
+positions of the main prompt, and every step ``DynamicCache.update`` copies them and the
+attention runs over them, masked. Packed, they cost their own length. At the prefill merge each
+plain ``DynamicLayer`` of the shared cache is replaced by a :class:`PackedLayer`: what ``generate``
+and the model's bookkeeping read of it (``keys``, ``get_seq_length``, ``get_mask_sizes``) is the
+main rows, exactly as in a plain run; the negative rows' keys and values are kept apart at their
+own length ``Ln + t``. A step is still one batched forward of ``2B`` rows inside ``generate``:
+``update`` appends rows ``:B`` to the main store (and returns it, as ``DynamicLayer`` does) and
+rows ``B:`` to the negative store; the model builds its ``[2B, 1, 1, Lm + t]`` mask as before (the
+pre-hook still passes the negative mask left-padded to the main length), and the attention reads
+the negative store through innersight's dispatcher (:func:`innersight.attention.packed_rows`):
+the main rows run as usual (an attention method's handler, or SDPA), rows ``B..2B-1`` run SDPA on
+the negative store with the branch's own ``[B, Ln + t]`` mask (at a decoding step the query is
+one position, so the causal mask is the padding mask). For that the text attention runs through
+``innersight`` (SDPA unless told otherwise) from the merge to the branch's exit.
+
+Everything this relies on is checked: at the merge (else the padded merge, with the reason in
+:meth:`NegativeBranch.details` ``{"negative_cache": "padded", "why": ...}``): every cache layer a
+plain ``DynamicLayer`` (a sliding-window layer keeps only the last positions, which the padded
+merge gets right), one cache layer per decoder layer with ``self_attn.layer_idx`` its index, no
+offloading, and a text attention of ``sdpa`` (or already ``innersight``: the packed rows run
+SDPA; an eager or flash model keeps its own kernel and the padded merge). At every step (else a
+``MethodError``): ``2B`` rows reach each layer's ``update``, the attention receives the very keys
+``update`` returned, one query position, and after the forward every layer's negative rows were
+read (an attention that bypassed the dispatcher would, with one row, silently broadcast the main
+keys to the negative row). ``PackedLayer`` refuses row reordering (beam search is refused
+anyway). On exit, also after an exception, each packed layer is replaced by the plain layer it
+stood for, holding the main rows only, and the attention implementation is restored. Tokens and
+scores equal the padded and the serial branch's (``tests/decode/test_packed_negative_cache.py``);
+the config field ``negative_cache="padded"`` (DAMRO, VCD) keeps the padded merge for comparison.
 
 Beam search (cache rows reordered by ``generate``) and several sequences per prompt are refused
 with a clear error.
@@ -85,7 +120,8 @@ from shapes:
   handlers, and the method hooks that follow the scope (VAR's sink detection), are bypassed;
 * in ``batched`` mode, from the prefill on, ``handler_rows(layers, B)``: in a decoding step of
   ``2B`` rows the handlers see rows ``0..B-1`` (the main batch, as in a plain run) and rows
-  ``B..2B-1`` run SDPA. The main prefill has ``B`` rows and is untouched by the scope.
+  ``B..2B-1`` run SDPA (on the packed negative store when packed). The main prefill has ``B``
+  rows and is untouched by the scope.
 
 Both scopes are removed when the branch's context exits, also after an exception.
 
