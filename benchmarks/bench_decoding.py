@@ -5,8 +5,11 @@ The model is LLaVA-1.5-shaped with random weights (no download), built in memory
 Every variant answers the same question about the same random 640x480 image with the same fixed
 answer length (``min_new_tokens = max_new_tokens = --tokens``, greedy). Compared: the plain
 answer; DeCo; DoLa; DAMRO and VCD with their negative branch batched into the main forward (the
-default) and run serially (one extra forward per step on its own cache: the config field
+default: the negative rows' KV cache packed at its own length), batched with the negative rows
+left-padded to the main prompt's length (``-padded``: the config field ``negative_cache="padded"``)
+and run serially (one extra forward per step on its own cache: the config field
 ``branch="serial"``, i.e. ``--set damro.branch=serial`` / ``--set vcd.branch=serial``).
+``--variants plain,damro,damro-padded`` measures a subset (``plain`` is always included).
 
     python benchmarks/bench_decoding.py                      # tiny LLaVA on CPU
     python benchmarks/bench_decoding.py --shape 7b --device cuda --dtype bf16   # LLaVA-1.5-7B shape
@@ -70,11 +73,13 @@ SHAPES: dict[str, dict[str, int | None]] = {
                vision_heads=16),
 }
 
-VARIANTS = ("plain", "deco", "dola", "damro", "damro-serial", "vcd", "vcd-serial")
+VARIANTS = ("plain", "deco", "dola", "damro", "damro-padded", "damro-serial", "vcd", "vcd-padded", "vcd-serial")
 #: per-token latency x plain that issue #4 asks for at 7B scale
 TARGETS = {"deco": 1.10, "damro": 1.5, "vcd": 1.5}
 #: batched variant -> its serial counterpart (the issue asks for batched / serial)
 SERIAL_PAIRS = {"damro": "damro-serial", "vcd": "vcd-serial"}
+#: batched variant -> the same with the negative rows left-padded to the main prompt's length
+PADDED_PAIRS = {"damro": "damro-padded", "vcd": "vcd-padded"}
 QUESTION = "describe the image in detail ."
 
 #: a variant's call: generate kwargs (the step timer) -> (answer token ids, what the method reported)
@@ -288,6 +293,9 @@ def method_call(mllm: Any, name: str, settings: dict[str, dict[str, Any]] | None
             branch = getattr(proc, "branch", None)
             if branch is not None:
                 info = {"branch": branch.mode, "negative_forwards": branch.steps}
+                cache = branch.details().get("negative_cache")
+                if cache is not None:
+                    info["negative_cache"] = cache
         return answer.token_ids, info
 
     return call
@@ -307,8 +315,12 @@ def decoding_calls(mllm: Any, options: dict[str, Any]) -> dict[str, Call]:
         "deco": method_call(mllm, "deco", None, image, QUESTION, generation),
         "dola": method_call(mllm, "dola", None, image, QUESTION, generation),
         "damro": method_call(mllm, "damro", {"damro": {"branch": "batched"}}, image, QUESTION, generation),
+        "damro-padded": method_call(mllm, "damro", {"damro": {"branch": "batched", "negative_cache": "padded"}}, image,
+                                    QUESTION, generation),
         "damro-serial": method_call(mllm, "damro", {"damro": {"branch": "serial"}}, image, QUESTION, generation),
         "vcd": method_call(mllm, "vcd", {"vcd": {"branch": "batched"}}, image, QUESTION, generation),
+        "vcd-padded": method_call(mllm, "vcd", {"vcd": {"branch": "batched", "negative_cache": "padded"}}, image,
+                                  QUESTION, generation),
         "vcd-serial": method_call(mllm, "vcd", {"vcd": {"branch": "serial"}}, image, QUESTION, generation),
     }
 
@@ -474,10 +486,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure every variant; returns ``{"rows": summary per variant, "serial": batched / serial}``."""
     with tempfile.TemporaryDirectory() as tmp:
         options = options_from(args, processor_dir(args.shape, Path(tmp) / "processor"))
-        results = measure(decoding_calls, VARIANTS, options)
+        results = measure(decoding_calls, chosen_variants(getattr(args, "variants", None)), options)
     rows = summarise(results)
     serial = {}
     for batched, ser in SERIAL_PAIRS.items():
+        if batched not in rows or ser not in rows:
+            continue
         serial[batched] = {
             "per_token": _ratio(rows[batched]["per_token_s"], rows[ser]["per_token_s"]),
             "total": _ratio(rows[batched]["total_s"], rows[ser]["total_s"]),
@@ -487,8 +501,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "serial": serial, "results": results}
 
 
+def chosen_variants(spec: str | None) -> list[str]:
+    """The variants named in ``spec`` (comma-separated; all when None), ``plain`` first."""
+    if spec is None:
+        return list(VARIANTS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return ["plain", *[n for n in VARIANTS if n in names and n != "plain"]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser(__doc__).parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--variants", default=None, help="comma-separated subset of: " + ", ".join(VARIANTS))
+    args = p.parse_args(argv)
     out = run(args)
     rows, serial = out["rows"], out["serial"]
 
@@ -498,13 +525,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def branch(name: str, r: dict[str, Any]) -> str:
         info = r["info"]
-        return f"{info['branch']} ({info['negative_forwards']} fw)" if "branch" in info else ""
+        if "branch" not in info:
+            return ""
+        cache = f" {info['negative_cache']}" if "negative_cache" in info else ""
+        return f"{info['branch']}{cache} ({info['negative_forwards']} fw)"
 
     print(header(args))
     print(table(rows, {"7B target (ms/token)": target, "negative branch": branch}))
     for name, s in serial.items():
         print(f"{name} batched / serial negative branch: ms/token x{s['per_token']:.2f}, total x{s['total']:.2f}, "
               f"peak MB x{s['mem']:.2f}, same answer tokens: {s['same_tokens']}")
+    for name, padded in PADDED_PAIRS.items():
+        if name in rows and padded in rows:
+            print(f"{name} packed / padded negative cache: ms/token "
+                  f"x{_ratio(rows[name]['per_token_s'], rows[padded]['per_token_s']):.2f}, "
+                  f"peak MB x{_ratio(rows[name]['peak_mb'], rows[padded]['peak_mb']):.2f}, "
+                  f"same answer tokens: {rows[name]['token_ids'] == rows[padded]['token_ids']}")
     write_json(args.json, args, rows, out["results"], serial=serial, targets=TARGETS)
     return 0
 

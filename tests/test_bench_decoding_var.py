@@ -108,8 +108,12 @@ def test_bench_decoding_main(bench, tmp_path, capsys):
     assert rows["plain"]["x_plain_per_token"] == 1.0
     assert rows["deco"]["x_plain_per_token"] == pytest.approx(rows["deco"]["per_token_s"] / rows["plain"]["per_token_s"])
     # the negative branch really ran as asked: prefill + one forward per later token
-    for name, mode in (("damro", "batched"), ("damro-serial", "serial"), ("vcd", "batched"), ("vcd-serial", "serial")):
-        assert rows[name]["info"] == {"branch": mode, "negative_forwards": TOKENS}, name
+    for name, mode in (("damro", "batched"), ("damro-serial", "serial"), ("vcd", "batched"), ("vcd-serial", "serial"),
+                       ("damro-padded", "batched"), ("vcd-padded", "batched")):
+        expected = {"branch": mode, "negative_forwards": TOKENS}
+        if mode == "batched":
+            expected["negative_cache"] = "padded" if name.endswith("-padded") else "packed"
+        assert rows[name]["info"] == expected, name
     for name, pair in data["serial"].items():
         ser = decoding.SERIAL_PAIRS[name]
         assert pair["per_token"] == pytest.approx(rows[name]["per_token_s"] / rows[ser]["per_token_s"])
@@ -117,6 +121,8 @@ def test_bench_decoding_main(bench, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "<= 1.10x" in text and "<= 1.50x" in text
     assert "damro batched / serial negative branch" in text and "vcd batched / serial negative branch" in text
+    assert "damro packed / padded negative cache" in text and "vcd packed / padded negative cache" in text
+    assert rows["damro"]["token_ids"] == rows["damro-padded"]["token_ids"]
 
 
 def test_bench_var_main(bench, tmp_path, capsys):

@@ -19,6 +19,11 @@ concatenated in row order; ``n = 0`` bypasses the handlers (the whole forward ru
 :func:`handler_row_limit` reads the scope, for hooks that belong to a method (e.g. VAR's sink
 detection on the layers' inputs) and must follow it too.
 
+Packed rows. A batched negative branch may keep its rows' keys and values apart, at their own
+length (:class:`~innersight.decode.contrast.PackedLayer`): its cache layer hands the attention the
+main rows' keys only, and :func:`packed_rows` tells the dispatcher where the other rows' keys,
+values and mask are; those rows run plain SDPA on them (never a handler).
+
 Key columns. A handler's key column ``j`` is sequence position ``key_start(module, Lq, Lk) + j``
 (:func:`key_start`): 0 for a full cache, but a sliding-window cache layer (Gemma 3, Mistral) hands
 the attention only its last ``window - 1`` cached keys plus the new ones, so at a decoding step
@@ -44,6 +49,7 @@ IMPLEMENTATION = "innersight"
 _HANDLER_ATTR = "_innersight_attention_handler"
 _ROWS_ATTR = "_innersight_handler_rows"
 _PAST_ATTR = "_innersight_cached_positions"
+_PACKED_ATTR = "_innersight_packed_rows"
 
 Handler = Callable[..., tuple[torch.Tensor, Any]]
 
@@ -68,6 +74,16 @@ def sdpa_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
 
 def _dispatch(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    packed = getattr(module, _PACKED_ATTR, None)
+    tail = packed.tail_inputs(query, key) if packed is not None else None
+    if tail is not None:
+        return _packed_forward(module, query, key, value, attention_mask, tail, **kwargs)
+    return _handled_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _handled_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The handler (within its :func:`handler_rows` scope) or plain SDPA, for rows sharing ``key``."""
     handler = getattr(module, _HANDLER_ATTR, None)
     limit = getattr(module, _ROWS_ATTR, None)
     if handler is None or limit == 0:
@@ -81,11 +97,34 @@ def _dispatch(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
         head_mask, tail_mask = attention_mask[:limit], attention_mask[limit:]
     head, head_weights = handler(module, query[:limit], key[:limit], value[:limit], head_mask, **kwargs)
     tail, tail_weights = sdpa_forward(module, query[limit:], key[limit:], value[limit:], tail_mask, **kwargs)
+    return _joined(head, head_weights, tail, tail_weights)
+
+
+def _joined(head: torch.Tensor, head_weights: Any, tail: torch.Tensor, tail_weights: Any) -> tuple[torch.Tensor, Any]:
     out = torch.cat([head, tail], dim=0)  # [B, Lq, H, D]
     weights = None
-    if isinstance(head_weights, torch.Tensor) and isinstance(tail_weights, torch.Tensor):
+    if isinstance(head_weights, torch.Tensor) and isinstance(tail_weights, torch.Tensor) \
+            and head_weights.shape[1:] == tail_weights.shape[1:]:
         weights = torch.cat([head_weights, tail_weights], dim=0)
     return out, weights
+
+
+def _packed_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None,
+                    tail: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                    **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """A forward whose cache layer keeps its tail rows apart (:func:`packed_rows`): ``key`` /
+    ``value`` [B, Hkv, Lk, D] are the first ``B`` rows' (handlers as usual), the query's other rows
+    [R, H, Lq, D] attend to ``tail = (keys [R, Hkv, Lt, D], values, mask [R, 1, Lq, Lt] | None)``
+    with plain SDPA."""
+    rows = int(key.shape[0])
+    head_mask = attention_mask  # [2B, 1, Lq, Lk], or [1, ...] broadcast over rows
+    if attention_mask is not None and attention_mask.shape[0] == query.shape[0]:
+        head_mask = attention_mask[:rows]
+    head, head_weights = _handled_forward(module, query[:rows], key, value, head_mask, **kwargs)
+    tail_keys, tail_values, tail_mask = tail
+    rest, rest_weights = sdpa_forward(module, query[rows:], tail_keys, tail_values, tail_mask, **kwargs)
+    return _joined(head, head_weights, rest, rest_weights)
 
 
 _registered = False
@@ -190,6 +229,44 @@ def handler_rows(layers: Any, rows: int) -> Iterator[None]:
                 setattr(attn, _ROWS_ATTR, old)
 
 
+@contextlib.contextmanager
+def packed_rows(layers: Any, sources: dict[int, Any]) -> Iterator[None]:
+    """Inside the block, decoder layer ``i``'s attention (``layers[i].self_attn``) asks
+    ``sources[i]`` for its tail rows: a forward whose ``tail_inputs(query, key)`` returns
+    ``(keys, values, mask)`` runs its first ``key.shape[0]`` rows as usual (handlers, within their
+    :func:`handler_rows` scope) and its other rows with plain SDPA on those keys, values and mask
+    (a contrastive negative branch whose rows keep their own, shorter KV cache:
+    :class:`~innersight.decode.contrast.PackedLayer`); ``None`` runs the forward as usual. Applies
+    only where the text attention is ``innersight`` (:func:`innersight_text_attention`); removed on
+    exit, also after an exception."""
+    modules = {i: layers[i].self_attn for i in sources}
+    for i, attn in modules.items():
+        if hasattr(attn, _PACKED_ATTR):
+            raise RuntimeError(f"layer {i} already reads packed rows")
+    try:
+        for i, attn in modules.items():
+            setattr(attn, _PACKED_ATTR, sources[i])
+        yield
+    finally:
+        for attn in modules.values():
+            with contextlib.suppress(AttributeError):
+                delattr(attn, _PACKED_ATTR)
+
+
+@contextlib.contextmanager
+def innersight_text_attention(model: Any) -> Iterator[None]:
+    """Inside the block, the language model's attention runs through ``innersight`` (SDPA unless
+    a handler or packed rows say otherwise; the vision tower keeps its implementation); the previous
+    implementation is restored on exit, also after an exception."""
+    register()
+    previous = text_attention(model)
+    try:
+        set_text_attention(model, IMPLEMENTATION)
+        yield
+    finally:
+        set_text_attention(model, previous)
+
+
 def handler_row_limit(module: Any) -> int | None:
     """How many leading rows of a forward the handler of attention ``module`` may see: ``None``
     (all rows, no :func:`handler_rows` scope), ``0`` (handlers bypassed) or ``n``."""
@@ -226,20 +303,18 @@ def layer_handlers(model: Any, layers: Any, handlers: dict[int, Handler]) -> Ite
     ``layers`` is the decoder's layer list (``adapter.decoder_layers``). On exit (also after an
     exception) the handlers are removed and the previous attention implementation restored.
     """
-    register()
-    previous = text_attention(model)
     installed: list[Any] = []
     hooks: list[Any] = []
     try:
-        set_text_attention(model, IMPLEMENTATION)
-        for idx, handler in handlers.items():
-            attn = layers[idx].self_attn
-            if hasattr(attn, _HANDLER_ATTR):
-                raise RuntimeError(f"layer {idx} already has an innersight attention handler")
-            setattr(attn, _HANDLER_ATTR, handler)
-            installed.append(attn)
-            hooks.append(attn.register_forward_pre_hook(_record_cached_positions, with_kwargs=True))
-        yield
+        with innersight_text_attention(model):
+            for idx, handler in handlers.items():
+                attn = layers[idx].self_attn
+                if hasattr(attn, _HANDLER_ATTR):
+                    raise RuntimeError(f"layer {idx} already has an innersight attention handler")
+                setattr(attn, _HANDLER_ATTR, handler)
+                installed.append(attn)
+                hooks.append(attn.register_forward_pre_hook(_record_cached_positions, with_kwargs=True))
+            yield
     finally:
         for hook in hooks:
             hook.remove()
@@ -247,4 +322,3 @@ def layer_handlers(model: Any, layers: Any, handlers: dict[int, Handler]) -> Ite
             for attr in (_HANDLER_ATTR, _PAST_ATTR):
                 with contextlib.suppress(AttributeError):
                     delattr(attn, attr)
-        set_text_attention(model, previous)

@@ -233,6 +233,32 @@ def test_var_acts_on_the_main_rows_only(var_mllm, plant, family, method, mode):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", CONTRASTS)
+def test_packed_negative_cache_equals_the_padded_one_under_var(var_mllm, plant, family, method):
+    """VAR on the main rows, the negative rows plain: with the negative rows kept at their own
+    length (packed) the tokens, the main scores and the negative logits of every step are those of
+    the padded merge."""
+    mllm = var_mllm(family)
+    batch = mllm.prepare(IMAGES, QUESTIONS)
+    runs = {}
+    with plant(mllm):
+        for cache in ("packed", "padded"):
+            var = VAR(_var_config(plant))
+            proc = _processor(mllm, batch, method, family, alpha=3.0, negative_cache=cache)
+            runs[cache] = _run(mllm, batch, var=var, proc=proc)
+            assert proc.branch.details()["negative_cache"] == cache
+            assert var.last_run.stats[2].changed_rows > 0
+    (ids, scores, negatives), (padded_ids, padded_scores, padded_negatives) = runs["packed"], runs["padded"]
+    assert ids == padded_ids and len(scores) == len(padded_scores) == STEPS
+    for a, b in zip(scores, padded_scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(negatives) == len(padded_negatives) == STEPS
+    for (_, a), (_, b) in zip(negatives, padded_negatives):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert text_attention(mllm.model) == "sdpa"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", CONTRASTS)
 def test_first_step_under_a_real_contrast(var_mllm, plant, family, method):
     """alpha = 3: at the first step the main logits are VAR alone's, the negative logits the
     contrast alone's, and the chosen scores their contrast."""

@@ -27,9 +27,10 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   model, see ``Adapter.generation_module``):
 
   - at the prefill the main forward runs untouched; its forward hook then runs the negative prompt
-    once on a fresh ``DynamicCache`` and appends those rows to the main cache (keys and values
-    left-padded with zeros to the main length; the padded positions are masked), so the cache
-    ``generate`` carries holds ``2B`` rows;
+    once on a fresh ``DynamicCache`` and puts those rows into the main cache: *packed* at their own
+    length (the default, see "The packed negative cache" below), or, where that cannot apply,
+    *padded* (appended as rows ``B..2B-1``, keys and values left-padded with zeros to the main
+    length; the padded positions are masked);
   - at every decoding step a forward pre-hook appends the negative rows to the inputs (the same
     chosen token, the negative attention mask, the negative positions continuing its own
     numbering), and the forward hook splits the ``[2B, 1, V]`` logits: ``generate`` sees its ``B``
@@ -46,8 +47,8 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   which ``generate`` passes at every step and the pre-hook extends; a missing one is refused
   loudly, never guessed. Greedy search and sampling never look at the cache's batch size. The
   main rows' keys, values, mask and positions are exactly those of a plain run. Sliding-window
-  cache layers (Gemma 3) are merged too: each keeps the last ``window - 1`` positions, which for
-  the left-padded negative prompt are its own last positions behind zeros. When the branch
+  cache layers (Gemma 3) take the padded merge: each keeps the last ``window - 1`` positions, which
+  for the left-padded negative prompt are its own last positions behind zeros. When the branch
   cannot batch (no cache found, ``use_cache=False``, a static or quantised cache) it runs
   serially with the same tokens and says so: :meth:`NegativeBranch.details`
   (copied into each answer's ``details`` and eval row) names the mode and the reason, and a
@@ -64,6 +65,40 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   runs them on the floor and the newest release).
 * ``serial``: one extra forward per step on the branch's own cache (last position only through
   the LM head), called from the logits processor.
+
+The packed negative cache
+-------------------------
+Padded, the negative rows cost the main row's length: DAMRO's negative prompt is the question
+with ``k`` outlier tokens (about 30 tokens on LLaVA-1.5) but its rows would hold the ~600
+positions of the main prompt, and every step ``DynamicCache.update`` copies them and the
+attention runs over them, masked. Packed, they cost their own length. At the prefill merge each
+plain ``DynamicLayer`` of the shared cache is replaced by a :class:`PackedLayer`: what ``generate``
+and the model's bookkeeping read of it (``keys``, ``get_seq_length``, ``get_mask_sizes``) is the
+main rows, exactly as in a plain run; the negative rows' keys and values are kept apart at their
+own length ``Ln + t``. A step is still one batched forward of ``2B`` rows inside ``generate``:
+``update`` appends rows ``:B`` to the main store (and returns it, as ``DynamicLayer`` does) and
+rows ``B:`` to the negative store; the model builds its ``[2B, 1, 1, Lm + t]`` mask as before (the
+pre-hook still passes the negative mask left-padded to the main length), and the attention reads
+the negative store through innersight's dispatcher (:func:`innersight.attention.packed_rows`):
+the main rows run as usual (an attention method's handler, or SDPA), rows ``B..2B-1`` run SDPA on
+the negative store with the branch's own ``[B, Ln + t]`` mask (at a decoding step the query is
+one position, so the causal mask is the padding mask). For that the text attention runs through
+``innersight`` (SDPA unless told otherwise) from the merge to the branch's exit.
+
+Everything this relies on is checked: at the merge (else the padded merge, with the reason in
+:meth:`NegativeBranch.details` ``{"negative_cache": "padded", "why": ...}``): every cache layer a
+plain ``DynamicLayer`` (a sliding-window layer keeps only the last positions, which the padded
+merge gets right), one cache layer per decoder layer with ``self_attn.layer_idx`` its index, no
+offloading, and a text attention of ``sdpa`` (or already ``innersight``: the packed rows run
+SDPA; an eager or flash model keeps its own kernel and the padded merge). At every step (else a
+``MethodError``): ``2B`` rows reach each layer's ``update``, the attention receives the very keys
+``update`` returned, one query position, and after the forward every layer's negative rows were
+read (an attention that bypassed the dispatcher would, with one row, silently broadcast the main
+keys to the negative row). ``PackedLayer`` refuses row reordering (beam search is refused
+anyway). On exit, also after an exception, each packed layer is replaced by the plain layer it
+stood for, holding the main rows only, and the attention implementation is restored. Tokens and
+scores equal the padded and the serial branch's (``tests/decode/test_packed_negative_cache.py``);
+the config field ``negative_cache="padded"`` (DAMRO, VCD) keeps the padded merge for comparison.
 
 Beam search (cache rows reordered by ``generate``) and several sequences per prompt are refused
 with a clear error.
@@ -85,7 +120,8 @@ from shapes:
   handlers, and the method hooks that follow the scope (VAR's sink detection), are bypassed;
 * in ``batched`` mode, from the prefill on, ``handler_rows(layers, B)``: in a decoding step of
   ``2B`` rows the handlers see rows ``0..B-1`` (the main batch, as in a plain run) and rows
-  ``B..2B-1`` run SDPA. The main prefill has ``B`` rows and is untouched by the scope.
+  ``B..2B-1`` run SDPA (on the packed negative store when packed). The main prefill has ``B``
+  rows and is untouched by the scope.
 
 Both scopes are removed when the branch's context exits, also after an exception.
 
@@ -108,9 +144,10 @@ from typing import Any
 
 import torch
 from transformers import LogitsProcessor
+from transformers.cache_utils import DynamicLayer
 
 from ..adapters.base import ImageRows
-from ..attention import handler_rows
+from ..attention import IMPLEMENTATION, handler_rows, innersight_text_attention, packed_rows, text_attention
 from ..errors import MethodError
 from ..generation_calls import cache_argument, find_cache, output_cache
 from ..hooks import HookHandles
@@ -119,6 +156,9 @@ log = logging.getLogger(__name__)
 _warned: set[str] = set()
 
 BRANCH_MODES = ("batched", "serial")
+#: how a batched branch stores its rows in the shared cache: at their own length ("packed") or
+#: left-padded to the main prompt's length ("padded", the fallback)
+NEGATIVE_CACHES = ("packed", "padded")
 
 
 # ---------------------------------------------------------------------- the contrast
@@ -385,7 +425,7 @@ def _merge_into(main: Any, negative: Any, pad: int) -> bool:
     the main layer's stored length is exactly the sliding cache of the padded prompt; the layer's
     position count (``cumulative_length``) stays the main prompt's, which the padded rows share.
     Any other layer type, or layers of different types or windows: False (nothing changed)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
     if not main_layers or not neg_layers or len(main_layers) != len(neg_layers):
@@ -410,6 +450,120 @@ def _merge_into(main: Any, negative: Any, pad: int) -> bool:
     return True
 
 
+@dataclass
+class _PackedState:
+    """What the packed layers of one branch share: the negative rows' count and this step's
+    attention mask over their own positions, ``[B, 1, 1, Ln + t]`` bool (None: no padding)."""
+
+    rows: int
+    mask: torch.Tensor | None = None
+
+
+class PackedLayer(DynamicLayer):
+    """A ``DynamicLayer`` of the shared cache whose negative rows are kept apart, at their own
+    length (see the module doc, "The packed negative cache").
+
+    What ``generate`` and the model's bookkeeping read (``keys``, ``values``, ``get_seq_length``,
+    ``get_mask_sizes``) is the main rows' ``B`` rows, exactly as in a plain run. ``update`` takes
+    the ``2B`` rows of a batched step: rows ``:B`` go to the main store (returned, as
+    ``DynamicLayer`` does), rows ``B:`` to the negative store; the attention dispatcher
+    (:func:`innersight.attention.packed_rows`) then asks :meth:`tail_inputs` for the negative
+    keys, values and mask. Every convention this relies on is checked, loudly."""
+
+    _layer_type = None  # never registered as a layer type of transformers' cache mappings
+
+    def __init__(self, plain: Any, negative_keys: torch.Tensor, negative_values: torch.Tensor,
+                 state: _PackedState) -> None:
+        super().__init__()
+        self.__dict__.update(vars(plain))  # keys, values and the plain layer's own state
+        self.plain = plain
+        self.negative_keys = negative_keys  # [B, Hkv, Ln, d]
+        self.negative_values = negative_values  # [B, Hkv, Ln, d]
+        self.state = state
+        #: the main keys the last update returned, until the attention has read the negative rows
+        self.pending: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.state.rows
+        if key_states.shape[0] != 2 * rows:
+            raise MethodError(f"packed negative cache: a forward of {key_states.shape[0]} rows, not the "
+                              f"{2 * rows} of a batched step (main + negative rows)")
+        if self.pending is not None:
+            raise MethodError("packed negative cache: the attention did not read the negative rows of the previous "
+                              "forward (it does not run through innersight's attention dispatcher)")
+        keys, values = super().update(key_states[:rows], value_states[:rows], *args, **kwargs)  # [B, Hkv, Lm+t, d]
+        self.negative_keys = torch.cat([self.negative_keys, key_states[rows:]], dim=-2)  # [B, Hkv, Ln+t, d]
+        self.negative_values = torch.cat([self.negative_values, value_states[rows:]], dim=-2)
+        self.pending = keys
+        return keys, values
+
+    def tail_inputs(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """The negative rows' ``(keys, values, mask)`` for the attention of the forward that just
+        updated this layer (None when no update is pending: a forward on another cache)."""
+        if self.pending is None:
+            return None
+        if key is not self.pending:
+            raise MethodError("packed negative cache: the attention received other keys than its cache layer returned "
+                              "(the model transforms them between the cache and the attention function)")
+        if query.shape[0] != 2 * self.state.rows or query.shape[2] != 1:
+            raise MethodError(f"packed negative cache: a query of shape {tuple(query.shape)}, not one position of "
+                              f"{2 * self.state.rows} rows")
+        mask = self.state.mask
+        if mask is not None and mask.shape[-1] != self.negative_keys.shape[-2]:
+            raise MethodError("packed negative cache: the negative mask and the negative store disagree in length")
+        self.pending = None
+        return self.negative_keys, self.negative_values, mask
+
+    @property
+    def negative_length(self) -> int:
+        """Positions held for the negative rows (their own prompt plus the steps so far)."""
+        return int(self.negative_keys.shape[-2])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise MethodError("packed negative cache: crop to an absolute length is not supported")
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            self.negative_keys = self.negative_keys[..., :tokens_to_remove, :]
+            self.negative_values = self.negative_values[..., :tokens_to_remove, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise MethodError("packed negative cache: generate reordered the cache rows (beam search is not supported)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise MethodError("packed negative cache: generate reordered the cache rows (beam search is not supported)")
+
+    def unpacked(self) -> Any:
+        """The plain layer this one replaced, holding the main rows' keys and values now."""
+        self.plain.keys, self.plain.values = self.keys, self.values
+        return self.plain
+
+
+def _why_not_packed(main: Any, negative: Any, layers: Any, model: Any) -> str | None:
+    """Why the negative rows cannot be packed into ``main`` (None: they can). The packed layers
+    replace plain ``DynamicLayer`` layers only, and need the attention of decoder layer ``i`` to
+    update cache layer ``i`` and to run through innersight's dispatcher (SDPA)."""
+    main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
+    if getattr(main, "offloading", False):
+        return "the KV cache is offloaded"
+    if not main_layers or not neg_layers or len(main_layers) != len(neg_layers) or len(main_layers) != len(layers):
+        return "the KV cache's layers do not match the decoder's layers one to one"
+    kinds = {type(x).__name__ for x in [*main_layers, *neg_layers] if type(x) is not DynamicLayer}
+    if kinds:
+        return (f"the KV cache holds {', '.join(sorted(kinds))} layers (only plain DynamicLayer layers are packed; "
+                "a sliding window keeps the padded rows' last positions)")
+    if not all(x.is_initialized for x in [*main_layers, *neg_layers]):
+        return "a KV cache layer was not filled at the prefill"
+    for i, layer in enumerate(layers):
+        if getattr(layer.self_attn, "layer_idx", None) != i:
+            return f"decoder layer {i}'s attention does not say it updates cache layer {i} (layer_idx)"
+    current = text_attention(model)
+    if current not in ("sdpa", IMPLEMENTATION):
+        return f"the text attention is {current!r}; the packed rows run through innersight's SDPA dispatcher"
+    return None
+
+
 class NegativeBranch:
     """A negative prompt stepped alongside ``generate`` with its own KV cache (see the module doc).
 
@@ -420,13 +574,22 @@ class NegativeBranch:
     Attention-method handlers act on the main rows only (see the module doc).
     """
 
-    def __init__(self, adapter: Any, build: Callable[[], NegativeInputs], *, mode: str = "batched") -> None:
+    def __init__(self, adapter: Any, build: Callable[[], NegativeInputs], *, mode: str = "batched",
+                 negative_cache: str = "packed") -> None:
         if mode not in BRANCH_MODES:
             raise MethodError(f"negative branch mode must be one of {', '.join(BRANCH_MODES)}, not {mode!r}")
+        if negative_cache not in NEGATIVE_CACHES:
+            raise MethodError(f"negative cache must be one of {', '.join(NEGATIVE_CACHES)}, not {negative_cache!r}")
         self.adapter = adapter
         self.module = adapter.generation_module
         self._build = build
         self.requested = mode
+        #: the batched mode's cache layout asked for, and the one used with the reason (None before)
+        self.requested_cache = negative_cache
+        self.negative_cache: str | None = None
+        self.negative_cache_why: str | None = None
+        self._packed: list[PackedLayer] = []  # the shared cache's packed layers (packed mode)
+        self._packed_state: _PackedState | None = None
         #: how the branch ran: None before the prefill, then "batched" or "serial"
         self.mode: str | None = None
         self.inputs: NegativeInputs | None = None
@@ -474,10 +637,13 @@ class NegativeBranch:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if self.mode == "batched" and self.cache is not None and self._rows:
+            if self._packed:
+                self._unpack()  # the shared cache back to plain layers of the main rows
+            elif self.mode == "batched" and self.cache is not None and self._rows:
                 # the shared cache back to the main rows only (it may outlive generate)
                 self.cache.batch_select_indices(torch.arange(self._rows))
         finally:
+            self._packed = []
             self._scope.close()
             self._handles.remove()
             self.cache = None
@@ -495,11 +661,59 @@ class NegativeBranch:
 
     def details(self) -> dict[str, Any]:
         """How the branch ran, for the answer's ``details``: ``{"mode": ..., "requested": ...}``
-        plus ``"fallback"`` (the reason) when ``batched`` was asked for and could not be used."""
+        plus ``"fallback"`` (the reason) when ``batched`` was asked for and could not be used; in
+        the batched mode ``"negative_cache"``: ``"packed"`` (the negative rows at their own length)
+        or ``"padded"`` with ``"why"`` (the reason, or ``"requested"``)."""
         out: dict[str, Any] = {"mode": self.mode, "requested": self.requested}
         if self.fallback is not None:
             out["fallback"] = self.fallback
+        if self.mode == "batched" and self.negative_cache is not None:
+            out["negative_cache"] = self.negative_cache
+            if self.negative_cache_why is not None:
+                out["why"] = self.negative_cache_why
         return out
+
+    @property
+    def negative_length(self) -> int | None:
+        """Positions the packed negative store holds now (its own prompt plus the steps so far);
+        None unless the branch runs packed."""
+        return self._packed[0].negative_length if self._packed else None
+
+    # ------------------------------------------------------------------ the packed negative cache
+    def _pack(self, main: Any, negative: Any) -> str | None:
+        """Put the negative rows into ``main`` at their own length (:class:`PackedLayer`), route the
+        decoder's attention through innersight's dispatcher for the rest of the call, and return
+        None; or return why they cannot be packed (nothing changed)."""
+        if self.requested_cache == "padded":
+            return "requested"
+        why = _why_not_packed(main, negative, self._layers, self.adapter.model)
+        if why is not None:
+            return why
+        state = _PackedState(rows=self._rows)
+        self._packed_state = state
+        for i, (plain, neg) in enumerate(zip(main.layers, negative.layers)):
+            layer = PackedLayer(plain, neg.keys.to(plain.keys.device), neg.values.to(plain.values.device), state)
+            main.layers[i] = layer
+            self._packed.append(layer)
+        self._scope.enter_context(packed_rows(self._layers, dict(enumerate(self._packed))))
+        self._scope.enter_context(innersight_text_attention(self.adapter.model))
+        return None
+
+    def _unpack(self) -> None:
+        """Replace each packed layer of the shared cache by the plain layer it stood for, holding the
+        main rows' keys and values (the negative store is dropped)."""
+        assert self.cache is not None
+        for i, layer in enumerate(self.cache.layers):
+            if isinstance(layer, PackedLayer):
+                self.cache.layers[i] = layer.unpacked()
+
+    def _check_packed_read(self) -> None:
+        """After a batched step: every packed layer's negative rows were read by the attention."""
+        for i, layer in enumerate(self._packed):
+            if layer.pending is not None:
+                layer.pending = None
+                raise MethodError(f"packed negative cache: layer {i}'s attention did not read the negative rows "
+                                  "(it does not run through innersight's attention dispatcher)")
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, cache: Any, *, mask: torch.Tensor, positions: torch.Tensor,
@@ -614,10 +828,18 @@ class NegativeBranch:
             raise MethodError("negative branch: 4D attention masks (compiled caches) are not supported")
         if main_mask is None:
             main_mask = torch.ones(rows, total, dtype=torch.long, device=self._mask.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(rows, 1)], dim=1)  # [B, Lm + t]
-        if main_mask.shape[1] != self._mask.shape[1]:
+        self._mask = torch.cat([self._mask, self._mask.new_ones(rows, 1)], dim=1)  # [B, Lm + t] or packed [B, Ln + t]
+        negative_mask = self._mask
+        if self._packed_state is not None:
+            own = int(self._mask.shape[1])
+            if self._packed[0].negative_length + 1 != own or own > total:
+                raise MethodError("negative branch: the negative mask and the packed negative cache disagree in length")
+            # the model builds one [2B, 1, 1, Lm + t] mask; the packed rows read their own instead
+            negative_mask = torch.nn.functional.pad(self._mask, (total - own, 0))  # [B, Lm + t]
+            self._packed_state.mask = None if bool(self._mask.all()) else self._mask[:, None, None, :].bool()
+        if main_mask.shape[1] != negative_mask.shape[1]:
             raise MethodError("negative branch: the attention mask and the shared cache disagree in length")
-        kwargs["attention_mask"] = torch.cat([main_mask.to(self._mask.device).long(), self._mask], dim=0)
+        kwargs["attention_mask"] = torch.cat([main_mask.to(self._mask.device).long(), negative_mask], dim=0)
         positions = kwargs.get("position_ids")
         if positions is None:
             raise MethodError("negative branch: generate passed no position_ids; cannot batch the branches")
@@ -648,12 +870,18 @@ class NegativeBranch:
                                 "(an unknown calling convention of this transformers version)")
             elif pad < 0:
                 self._fall_back(f"the negative prompt ({self.inputs.length} tokens) is longer than the main prompt")
-            elif not _merge_into(main, negative, pad):
-                self._fall_back(f"the KV cache ({type(main).__name__}) is not a plain DynamicCache "
-                                "(static or quantised caches cannot take extra rows)")
+            else:
+                self.negative_cache_why = self._pack(main, negative)
+                if self.negative_cache_why is None:
+                    self.negative_cache = "packed"  # self._mask stays [B, Ln], the negative rows' own
+                elif _merge_into(main, negative, pad):
+                    self.negative_cache = "padded"
+                    self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]
+                else:
+                    self._fall_back(f"the KV cache ({type(main).__name__}) is not a plain DynamicCache "
+                                    "(static or quantised caches cannot take extra rows)")
             if self.fallback is None:
                 self.mode, self.cache = "batched", main
-                self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]
                 # from now on forwards carry 2B rows: attention handlers see the first B only
                 self._scope.enter_context(handler_rows(self._layers, rows))
             else:
@@ -662,6 +890,7 @@ class NegativeBranch:
             return None
         if self.mode != "batched":
             return None
+        self._check_packed_read()
         rows = self._rows
         logits = output.logits  # [2B, l, V]
         self.logits = logits[rows:, -1].float()  # [B, V]

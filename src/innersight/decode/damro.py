@@ -83,6 +83,7 @@ from ..errors import MethodError
 from ..hooks import HookHandles
 from .contrast import (
     BRANCH_MODES,
+    NEGATIVE_CACHES,
     ContrastiveProcessor,
     NegativeBranch,
     NegativeInputs,
@@ -162,6 +163,9 @@ class DAMROConfig:
     seed: int = field(default=42, metadata={"source": CODE + " README (seed 42)"})
     #: "batched" (negative rows in the main forward) or "serial" (one extra forward per step)
     branch: str = "batched"
+    #: batched branch only: "packed" (the negative rows' keys and values kept at their own length)
+    #: or "padded" (left-padded to the main prompt's length; the fallback, kept for comparison)
+    negative_cache: str = "packed"
 
     def __post_init__(self) -> None:
         if self.alpha is not None:
@@ -178,6 +182,9 @@ class DAMROConfig:
             raise MethodError(f"damro preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         if self.branch not in BRANCH_MODES:
             raise MethodError(f"damro branch must be one of {', '.join(BRANCH_MODES)}, not {self.branch!r}")
+        if self.negative_cache not in NEGATIVE_CACHES:
+            raise MethodError(f"damro negative_cache must be one of {', '.join(NEGATIVE_CACHES)}, "
+                              f"not {self.negative_cache!r}")
         if self.vision_layer is not None and self.vision_layer < 0:
             raise MethodError(f"damro vision_layer must be a layer index >= 0, not {self.vision_layer}")
 
@@ -400,7 +407,7 @@ class DAMRO:
         c, family = self.config, mllm.adapter.family
         capture = OutlierCapture(mllm, batch, k=c.resolved_k(family), reduction=c.resolved_reduction(family),
                                  layer=c.vision_layer, shift=c.shift)
-        branch = NegativeBranch(mllm.adapter, capture.negative_inputs, mode=c.branch)
+        branch = NegativeBranch(mllm.adapter, capture.negative_inputs, mode=c.branch, negative_cache=c.negative_cache)
         seed = c.seed if c.preset == "official" else None
         return [ContrastiveProcessor(branch, alpha=c.resolved_alpha(family), beta=c.beta, contexts=[capture],
                                      seed=seed, name="damro")]

@@ -35,6 +35,7 @@ from ..adapters.base import ImageRows
 from ..errors import MethodError
 from .contrast import (
     BRANCH_MODES,
+    NEGATIVE_CACHES,
     ContrastiveProcessor,
     NegativeBranch,
     NegativeInputs,
@@ -64,6 +65,9 @@ class VCDConfig:
     seed: int = 0
     #: "batched" (negative rows in the main forward) or "serial" (one extra forward per step)
     branch: str = "batched"
+    #: batched branch only: "packed" (the negative rows' keys and values kept at their own length)
+    #: or "padded" (left-padded to the main prompt's length; the fallback, kept for comparison)
+    negative_cache: str = "packed"
 
     def __post_init__(self) -> None:
         check_strength("vcd", self.alpha, self.beta)
@@ -71,6 +75,9 @@ class VCDConfig:
             raise MethodError(f"vcd noise_step must be in 0..{NOISE_STEPS - 1}, not {self.noise_step}")
         if self.branch not in BRANCH_MODES:
             raise MethodError(f"vcd branch must be one of {', '.join(BRANCH_MODES)}, not {self.branch!r}")
+        if self.negative_cache not in NEGATIVE_CACHES:
+            raise MethodError(f"vcd negative_cache must be one of {', '.join(NEGATIVE_CACHES)}, "
+                              f"not {self.negative_cache!r}")
 
 
 def alpha_bar(step: int) -> float:
@@ -142,5 +149,5 @@ class VCD:
         if "pixel_values" not in batch.inputs:
             raise MethodError("vcd needs images: its negative branch is the prompt with a noised image")
         c = self.config
-        branch = NegativeBranch(mllm.adapter, lambda: negative_inputs(mllm, batch, c), mode=c.branch)
+        branch = NegativeBranch(mllm.adapter, lambda: negative_inputs(mllm, batch, c), mode=c.branch, negative_cache=c.negative_cache)
         return [ContrastiveProcessor(branch, alpha=c.alpha, beta=c.beta, name="vcd")]
