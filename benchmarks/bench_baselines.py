@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]] | None]] = {
     "m3id": ("m3id", None),
     "m3id-serial": ("m3id", {"m3id": {"branch": "serial"}}),
     "icd": ("icd", None),
+    "icd-serial": ("icd", {"icd": {"branch": "serial"}}),
     "vista": ("vista", None),
     "only": ("only", None),
     "vcd": ("vcd", None),

@@ -242,6 +242,9 @@ class Measurement:
     peak_mb: float
     token_ids: list[int] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    #: CPU seconds of this process during the call (all its threads): on a shared CPU machine,
+    #: less sensitive than wall time to other tenants (time the process waits is not counted)
+    cpu_s: float = float("nan")
 
 
 def timed(call: Call, device: str) -> Measurement:
@@ -251,8 +254,9 @@ def timed(call: Call, device: str) -> Measurement:
     timer = StepTimer(device.startswith("cuda"))
     memory = PeakMemory(device)
     memory.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ids, info = call({"stopping_criteria": StoppingCriteriaList([timer])})
+    cpu = time.process_time() - c0
     if timer.cuda:
         import torch
 
@@ -265,7 +269,7 @@ def timed(call: Call, device: str) -> Measurement:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # decoding steps after the first token
     per_token = statistics.median(gaps) if gaps else float("nan")
     return Measurement(total_s=total, first_s=stamps[0] - t0, per_token_s=per_token, steps=len(stamps),
-                       peak_mb=peak, token_ids=list(ids), info=info)
+                       peak_mb=peak, token_ids=list(ids), info=info, cpu_s=cpu)
 
 
 # ---------------------------------------------------------------------- the variants
@@ -411,6 +415,7 @@ def summarise(results: dict[str, list[Measurement]], baseline: str = "plain") ->
             "first_s": statistics.median(c.first_s for c in calls),
             "per_token_s": statistics.median(c.per_token_s for c in calls),
             "total_s": statistics.median(c.total_s for c in calls),
+            "cpu_s": statistics.median(c.cpu_s for c in calls),
             "peak_mb": max(c.peak_mb for c in calls),
             "steps": calls[-1].steps,
             "info": calls[-1].info,
@@ -421,6 +426,7 @@ def summarise(results: dict[str, list[Measurement]], baseline: str = "plain") ->
         row["x_plain_first"] = _ratio(row["first_s"], base["first_s"])
         row["x_plain_per_token"] = _ratio(row["per_token_s"], base["per_token_s"])
         row["x_plain_total"] = _ratio(row["total_s"], base["total_s"])
+        row["x_plain_cpu"] = _ratio(row["cpu_s"], base["cpu_s"])
         row["x_plain_mem"] = _ratio(row["peak_mb"], base["peak_mb"])
     return rows
 
@@ -434,11 +440,12 @@ def header(args: argparse.Namespace) -> str:
 def table(rows: dict[str, dict[str, Any]], extra: dict[str, Callable[[str, dict[str, Any]], str]]) -> str:
     """The results as a table (columns as wide as their widest cell); ``extra`` adds columns
     (title -> cell function)."""
-    titles = ["variant", "first s", "x plain", "ms/token", "x plain", "total s", "x plain", "peak MB", "x mem",
-              *extra]
+    titles = ["variant", "first s", "x plain", "ms/token", "x plain", "total s", "x plain", "cpu x plain", "peak MB",
+              "x mem", *extra]
     body = [[name, f"{r['first_s']:.3f}", f"{r['x_plain_first']:.2f}", f"{1000 * r['per_token_s']:.2f}",
              f"{r['x_plain_per_token']:.2f}", f"{r['total_s']:.3f}", f"{r['x_plain_total']:.2f}",
-             f"{r['peak_mb']:.1f}", f"{r['x_plain_mem']:.2f}", *[fn(name, r) for fn in extra.values()]]
+             f"{r.get('x_plain_cpu', float('nan')):.2f}", f"{r['peak_mb']:.1f}", f"{r['x_plain_mem']:.2f}",
+             *[fn(name, r) for fn in extra.values()]]
             for name, r in rows.items()]
     widths = [max(len(line[i]) for line in [titles, *body]) for i in range(len(titles))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))

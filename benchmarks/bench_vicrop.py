@@ -350,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m in methods:
                 first = {b: statistics.median(c.first_s for c in results[f"{m}@{b}"]) / b for b in sizes}
                 print(f"{m:<12}" + "".join(f"{first[b] / first[sizes[0]]:>13.2f}x ({first[b]:.3f})" for b in sizes))
+            print("CPU seconds per sample, relative to batch 1 of the same method (CPU s per sample in brackets; "
+                  "less sensitive to other tenants than wall time)")
+            for m in methods:
+                cpu = {b: statistics.median(c.cpu_s for c in results[f"{m}@{b}"]) / b for b in sizes}
+                print(f"{m:<12}" + "".join(f"{cpu[b] / cpu[sizes[0]]:>13.2f}x ({cpu[b]:.3f})" for b in sizes))
             reuse = {name: _reused(results[name]) for name in results if _reused(results[name]) != "-"}
             if reuse:
                 print("answer continued from the map's prefix: " + ", ".join(f"{k} {v}" for k, v in reuse.items()))

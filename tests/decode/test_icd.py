@@ -23,7 +23,7 @@ QUESTIONS = ["what is it?", "is there a dog in the picture?"]
 
 def test_defaults_and_registry():
     c = ICDConfig()
-    assert (c.alpha, c.beta, c.disturbance, c.branch) == (1.0, 0.1, DISTURBANCES[0], "serial")
+    assert (c.alpha, c.beta, c.disturbance, c.branch) == (1.0, 0.1, DISTURBANCES[0], "batched")
     assert "2403.18715" in ICDConfig.__dataclass_fields__["disturbance"].metadata["source"]
     (method,) = resolve_methods(["icd"], {"icd": {"disturbance": "You always give wrong answers."}}).objects
     assert isinstance(method, ICD) and method.config.disturbance == DISTURBANCES[2]
@@ -79,15 +79,20 @@ def test_the_disturbance_goes_before_the_instruction_with_the_main_image_tokens(
 def test_steps_are_the_closed_form_of_both_branches(tiny_mllm, image, family):
     mllm = tiny_mllm(family)
     batch = mllm.prepare([image(6), image(7, 50, 80)], QUESTIONS)
-    (proc,) = ICD(ICDConfig(alpha=1.5)).processors(mllm, batch, {})
-    seen = spy_steps(mllm, batch, proc, keep=lambda p: p.last_negative.clone())
-    assert proc.branch.mode == "serial" and seen
-    embeds, injected = _captured(mllm, batch)
-    neg = disturbed_inputs(mllm.adapter, batch, embeds, DISTURBANCES[0], injected)
-    prompt = batch.input_ids.shape[1]
-    for input_ids, scores, negative, out in seen:
-        torch.testing.assert_close(negative, uncached_negative(mllm, neg, input_ids, prompt), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(out, contrast(scores, negative, alpha=1.5, beta=0.1))
+    for branch in ("batched", "serial"):  # the packed rows (where the family packs them) and the serial branch
+        (proc,) = ICD(ICDConfig(alpha=1.5, branch=branch)).processors(mllm, batch, {})
+        seen = spy_steps(mllm, batch, proc, keep=lambda p: p.last_negative.clone())
+        assert seen
+        if branch == "serial" or proc.branch.fallback is not None:
+            assert proc.branch.mode == "serial"
+        else:
+            assert proc.branch.mode == "batched" and proc.branch.negative_cache == "packed"
+        embeds, injected = _captured(mllm, batch)
+        neg = disturbed_inputs(mllm.adapter, batch, embeds, DISTURBANCES[0], injected)
+        prompt = batch.input_ids.shape[1]
+        for input_ids, scores, negative, out in seen:
+            torch.testing.assert_close(negative, uncached_negative(mllm, neg, input_ids, prompt), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out, contrast(scores, negative, alpha=1.5, beta=0.1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -104,14 +109,43 @@ def test_zero_alpha_is_plain_and_batch_equals_unbatched(tiny_mllm, image, family
     assert [a.token_ids for a in both] == alone
 
 
-def test_batched_request_falls_back_with_its_reason_and_the_same_tokens(tiny_mllm, image):
+class _Scores:
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.detach().clone())
+        return scores
+
+
+def test_batched_branch_packs_the_longer_disturbed_prompt(tiny_mllm, image, monkeypatch):
+    """The disturbed prompt is longer than the main one: batched (the default) packs its rows at
+    their own length, with the serial branch's tokens and scores; where packing is impossible it
+    falls back to serial, with its reason."""
+    from innersight.decode import contrast as branch_module
+
     mllm = tiny_mllm("llava")
-    serial = mllm.answer(image(2), QUESTIONS[0], methods=["icd"], settings={"icd": {"alpha": 3.0}}, max_new_tokens=4)
-    batched = mllm.answer(image(2), QUESTIONS[0], methods=["icd"], settings={"icd": {"alpha": 3.0, "branch": "batched"}},
-                          max_new_tokens=4)
+
+    def run(**settings):
+        scores = _Scores()
+        answer = mllm.answer(image(2), QUESTIONS[0], methods=["icd"], settings={"icd": {"alpha": 3.0, **settings}},
+                             max_new_tokens=4, logits_processor=[scores])
+        return answer, scores
+
+    serial, serial_scores = run(branch="serial")
+    batched, batched_scores = run()
     assert batched.token_ids == serial.token_ids
     branch = batched.details["icd"]["branch"]
-    assert branch["mode"] == "serial" and "longer than the main prompt" in branch["fallback"]
+    assert branch["mode"] == "batched" and branch["negative_cache"] == "packed", branch
+    assert len(batched_scores.steps) == len(serial_scores.steps) > 0
+    for a, b in zip(batched_scores.steps, serial_scores.steps):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(branch_module, "_why_not_packed", lambda *args: "a reason of the test")
+    fallback, _ = run()
+    assert fallback.token_ids == serial.token_ids
+    branch = fallback.details["icd"]["branch"]
+    assert branch["mode"] == "serial"
+    assert "longer than the main prompt and cannot be packed: a reason of the test" in branch["fallback"]
 
 
 def test_strong_icd_changes_the_answer(tiny_mllm, image):

@@ -832,10 +832,12 @@ class NegativeBranch:
         negative_mask = self._mask
         if self._packed_state is not None:
             own = int(self._mask.shape[1])
-            if self._packed[0].negative_length + 1 != own or own > total:
+            if self._packed[0].negative_length + 1 != own:
                 raise MethodError("negative branch: the negative mask and the packed negative cache disagree in length")
-            # the model builds one [2B, 1, 1, Lm + t] mask; the packed rows read their own instead
-            negative_mask = torch.nn.functional.pad(self._mask, (total - own, 0))  # [B, Lm + t]
+            # the model builds one [2B, 1, 1, Lm + t] mask; the packed rows read their own instead,
+            # so their rows of it only need the main length (a longer negative prompt, ICD's, is cut)
+            negative_mask = (torch.nn.functional.pad(self._mask, (total - own, 0)) if own <= total
+                             else self._mask[:, own - total:])  # [B, Lm + t]
             self._packed_state.mask = None if bool(self._mask.all()) else self._mask[:, None, None, :].bool()
         if main_mask.shape[1] != negative_mask.shape[1]:
             raise MethodError("negative branch: the attention mask and the shared cache disagree in length")
@@ -868,12 +870,13 @@ class NegativeBranch:
             if main is None:
                 self._fall_back("generate's prefill carried no KV cache the branch could find "
                                 "(an unknown calling convention of this transformers version)")
-            elif pad < 0:
-                self._fall_back(f"the negative prompt ({self.inputs.length} tokens) is longer than the main prompt")
             else:
                 self.negative_cache_why = self._pack(main, negative)
                 if self.negative_cache_why is None:
                     self.negative_cache = "packed"  # self._mask stays [B, Ln], the negative rows' own
+                elif pad < 0:  # padded rows cannot hold a prompt longer than the main one
+                    self._fall_back(f"the negative prompt ({self.inputs.length} tokens) is longer than the main "
+                                    f"prompt and cannot be packed: {self.negative_cache_why}")
                 elif _merge_into(main, negative, pad):
                     self.negative_cache = "padded"
                     self._mask = torch.nn.functional.pad(self._mask, (pad, 0))  # [B, Lm]

@@ -21,10 +21,12 @@ order).
 InstructBLIP's Q-Former also reads the instruction in the paper's setting; here only the language
 model's instruction is disturbed (the Q-Former tokens are the main branch's).
 
-Why the branch runs ``serial`` by default: the disturbed prompt is *longer* than the main prompt,
-and the batched branch (:class:`~.contrast.NegativeBranch`) appends negative rows to the main KV
-cache, which only holds prompts up to the main length. ``branch="batched"`` is accepted and falls
-back to serial with its reason recorded in the answer's details.
+The branch runs batched (:class:`~.contrast.NegativeBranch`) although the disturbed prompt is
+*longer* than the main prompt: its rows keep their keys and values at their own length (the packed
+negative cache), so the main cache is untouched. Where the rows cannot be packed (an attention
+implementation other than SDPA, a sliding-window or offloaded cache) the padded merge cannot hold
+them either, and the branch runs serially (one extra forward per token, the same tokens) with the
+reason in the answer's details; ``branch="serial"`` asks for that.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class ICDConfig:
     beta: float = field(default=0.1, metadata={"source": SOURCE + " Sec. 4.1 (adaptive plausibility)"})
     #: the role prefix of the disturbed instruction
     disturbance: str = field(default=DISTURBANCES[0], metadata={"source": SOURCE + " Sec. 3.2"})
-    #: "serial" (default: the disturbed prompt is longer than the main one) or "batched"
-    branch: str = "serial"
+    #: "batched" (default: one forward per step for both branches, the disturbed rows packed at
+    #: their own length) or "serial" (one extra forward per step)
+    branch: str = "batched"
 
     def __post_init__(self) -> None:
         check_strength("icd", self.alpha, self.beta)
