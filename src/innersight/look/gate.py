@@ -69,7 +69,6 @@ it pays ViCrop's map cost on every question.
 from __future__ import annotations
 
 import contextlib
-
 import math
 from collections.abc import Callable
 from typing import Any
