@@ -223,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def branch(name: str, r: dict[str, Any]) -> str:
             info = r["info"]
-            return f"{info['branch']} ({info['negative_forwards']} fw)" if "branch" in info else ""
+            if "branch" not in info:
+                return ""
+            cache = f" {info['negative_cache']}" if "negative_cache" in info else ""
+            return f"{info['branch']}{cache} ({info['negative_forwards']} fw)"
 
         print(table(rows, {"negative branch": branch}))
         out["rows"] = {k: {kk: vv for kk, vv in v.items() if kk != "token_ids"} for k, v in rows.items()}

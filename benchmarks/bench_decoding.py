@@ -297,7 +297,8 @@ def method_call(mllm: Any, name: str, settings: dict[str, dict[str, Any]] | None
             branch = getattr(proc, "branch", None)
             if branch is not None:
                 info = {"branch": branch.mode, "negative_forwards": branch.steps}
-                cache = branch.details().get("negative_cache")
+                details = branch.details() if callable(getattr(branch, "details", None)) else {}
+                cache = details.get("negative_cache")  # a negative branch's KV-cache layout (packed / padded)
                 if cache is not None:
                     info["negative_cache"] = cache
         return answer.token_ids, info
