@@ -98,3 +98,44 @@ def _close_figures() -> Iterator[None]:
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:
         pyplot.close("all")
+
+
+@pytest.fixture(scope="module")
+def benchmark_scripts() -> Iterator[object]:
+    """``benchmark_scripts("bench_vicrop")``: a script of ``benchmarks/`` imported as a module
+    (the folder is on ``sys.path`` for the test module's duration; the scripts import each other)."""
+    import importlib
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(folder)
+
+
+#: the smallest settings of the benchmark scripts: smoke shape, one round, three tokens, in-process
+BENCHMARK_SMOKE = ["--shape", "smoke", "--repeats", "1", "--tokens", "3", "--isolate", "none", "--threads", "1"]
+
+
+@pytest.fixture
+def smoke_table(tmp_path):
+    """``smoke_table(script, *args)``: run the script's ``main`` at :data:`BENCHMARK_SMOKE` with
+    ``args`` and return the main table's rows from its ``--json`` (every variant of the script's
+    ``VARIANTS`` present, three steps each, finite ratios)."""
+    import json
+    import math
+
+    def run(script, *args):
+        out = tmp_path / f"{script.__name__}.json"
+        assert script.main([*BENCHMARK_SMOKE, *args, "--json", str(out)]) == 0
+        rows = json.loads(out.read_text())["rows"]
+        expected = list(script.VARIANTS)
+        assert list(rows) == [v for v in expected if v in rows] and set(rows) <= set(expected)
+        for name, row in rows.items():
+            assert row["steps"] == 3, name
+            assert math.isfinite(row["x_plain_total"]) and row["total_s"] > 0, name
+        return rows
+
+    return run

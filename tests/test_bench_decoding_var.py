@@ -4,29 +4,21 @@ timer, peak memory, the eager reference's probabilities) on hand-made cases, and
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SMOKE = ["--shape", "smoke", "--repeats", "1", "--tokens", "3", "--isolate", "none", "--threads", "1"]
 TOKENS = 3
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench(benchmark_scripts):
     """The two benchmark scripts, imported as modules."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench_decoding"), importlib.import_module("bench_var")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_scripts("bench_decoding"), benchmark_scripts("bench_var")
 
 
 # ---------------------------------------------------------------------- the harness
