@@ -120,9 +120,9 @@ def _kept_tensors(monkeypatch, mllm, image, name, settings):
 
     def spy(self, cache, ids, images):
         original(self, cache, ids, images)
-        if self.kept is not None:
-            kept.extend(t for pair in self.kept.layers for t in pair)
-            kept.extend(v for v in self.kept.image_inputs.values() if isinstance(v, torch.Tensor))
+        part = self.parts[-1]  # what this capture kept
+        kept.extend(t for pair in part.layers for t in pair)
+        kept.extend(v for v in part.image_inputs.values() if isinstance(v, torch.Tensor))
 
     monkeypatch.setattr(AP.PrefixKeeper, "keep", spy)
     _answer(mllm, image, methods=(name,), settings=settings)
@@ -196,6 +196,49 @@ def test_batch_continues_from_the_prefix_as_from_the_prompt(tiny_mllm, monkeypat
     assert reused_work <= plain_work - answers[0].details[name]["answer_prefix"]["tokens"]
 
 
+@pytest.mark.parametrize("variant", ["rel-att", "grad-att"])
+def test_batch_mapped_in_chunks_continues_from_every_chunks_prefix(tiny_mllm, monkeypatch, variant):
+    """``max_batch`` smaller than the batch: the map runs in chunks (one capture each, images of
+    different sizes); the answer takes each sample's prefix from its chunk's capture, with the
+    prompt batch's tokens and scores."""
+    mllm = tiny_mllm("llava_next")
+    name = f"vicrop-{variant}"
+    settings = {name: {"layer": 1, "max_batch": 2}}  # rel-att: one sample per chunk; grad-att: two
+    images = [_scene(seed=12), _scene(70, 90, seed=13), _scene(120, 50, seed=14)]
+    questions = [QUESTION, "what colour is the star?", "is it?"]
+    captures = []
+    original = AP.PrefixKeeper.keep
+
+    def spy(self, cache, ids, image_inputs):
+        captures.append(len(ids))
+        original(self, cache, ids, image_inputs)
+
+    monkeypatch.setattr(AP.PrefixKeeper, "keep", spy)
+    answers, scores = _batch_scores(mllm, images, questions, (name,), settings)
+    assert captures == ([1, 1, 1] if variant == "rel-att" else [2, 1])
+    assert all(a.details[name]["answer_prefix"]["reused"] is True for a in answers)
+    monkeypatch.undo()
+    _without_reuse(monkeypatch)
+    before, plain = _batch_scores(mllm, images, questions, (name,), settings)
+    assert [a.token_ids for a in answers] == [b.token_ids for b in before]
+    assert len(scores.steps) == len(plain.steps) > 0
+    for x, y in zip(scores.steps, plain.steps):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_captures_of_other_images_are_declined(tiny_mllm):
+    """A capture of other images than the answer's first ones (here: the samples' order swapped)
+    is refused by the image check, not used."""
+    mllm = tiny_mllm("llava")
+    images = [_scene(seed=15), _scene(70, 90, seed=16)]
+    with AP.keeping_prefix() as keeper:
+        V.choose_crops(mllm, images[::-1], [QUESTION] * 2, V.ViCropConfig(layer=1))
+    start = AP.AnswerPrefix(keeper.kept)
+    batch = flow.build_batch(mllm.adapter, [[im] for im in images], [QUESTION] * 2)
+    assert start(mllm, batch) is None
+    assert start.outcome == {"reused": False, "why": "the answer's first image is not the captured image"}
+
+
 def test_batch_with_rows_left_uncropped_continues_from_the_prefix(tiny_mllm, monkeypatch):
     """The post-map gate leaves some rows with their image only: those rows' prompts hold no
     later image, the others' crops are split off per sample."""
@@ -230,7 +273,7 @@ def test_fallback_for_a_tiled_image(tiny_mllm):
     answer, _ = _answer(mllm, image, settings={"vicrop-rel-att": {"layer": 1, "tile_max_side": 60}})
     assert answer.details["vicrop-rel-att"]["tiles"] is not None
     assert answer.details["vicrop-rel-att"]["answer_prefix"] == {
-        "reused": False, "why": "the capture kept 3 prefix rows for 1 answer rows (tiles?)"}
+        "reused": False, "why": "the captures kept 3 prefix rows for 1 answer rows (tiles?)"}
 
 
 def test_fallback_for_the_joint_capture(tiny_mllm):
@@ -246,7 +289,7 @@ def test_fallback_where_the_family_does_not_split(tiny_mllm, monkeypatch, family
     answer, _ = _answer(mllm, image, tokens=3)
     detail = answer.details["vicrop-rel-att"]["answer_prefix"]
     assert detail["reused"] is False and detail["why"] in (
-        "the family cannot split its image inputs", "no single one-sample prefix capture",
+        "the family cannot split its image inputs", "no prefix capture",
         "inputs beyond the ids, the mask and the image inputs"), detail  # Qwen: mm_token_type_ids
     _without_reuse(monkeypatch)
     before, _ = _answer(mllm, image, tokens=3)

@@ -624,9 +624,11 @@ class Adapter(ABC):
         images = sum(len(sizes) for sizes in batch.image_sizes[:n])
         return {k: v[:images] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
 
-    def split_image_inputs(self, batch: Batch, first: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def split_image_inputs(self, batch: Batch, first: int,
+                           samples: range | None = None) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The :attr:`prefix_image_inputs` of ``batch`` split after each sample's first ``first``
-        images: (those images' inputs, the later images' inputs), each in sample order. Prompts
+        images: (those images' inputs, the later images' inputs), each in sample order; only the
+        samples in ``samples`` (default: all). Prompts
         whose first images are already in a KV cache continue with the later images' inputs only
         (ViCrop's answer from its map's prefix, :mod:`innersight.look.answer_prefix`).
 
@@ -642,10 +644,12 @@ class Adapter(ABC):
         head: list[int] = []
         tail: list[int] = []
         offset = 0
-        for sizes in batch.image_sizes:  # the images of each sample, in order
+        chosen = range(len(batch.image_sizes)) if samples is None else samples
+        for b, sizes in enumerate(batch.image_sizes):  # the images of each sample, in order
             m = len(sizes)
-            head.extend(range(offset, offset + min(first, m)))
-            tail.extend(range(offset + min(first, m), offset + m))
+            if b in chosen:
+                head.extend(range(offset, offset + min(first, m)))
+                tail.extend(range(offset + min(first, m), offset + m))
             offset += m
         if any(int(batch.inputs[k].shape[0]) != offset for k in keys):
             return None

@@ -328,7 +328,7 @@ class InternVLAdapter(Adapter):
         images = sum(len(sizes) for sizes in batch.image_sizes[:n])
         return {"pixel_values": batch.inputs["pixel_values"][: self.tile_offset(batch, images)]}
 
-    def split_image_inputs(self, batch: Batch, first: int) -> None:
+    def split_image_inputs(self, batch: Batch, first: int, samples: range | None = None) -> None:
         """None: not implemented for tile rows (the answer-prefix reuse runs the whole prompt)."""
         return None
 

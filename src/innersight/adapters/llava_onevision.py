@@ -326,7 +326,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         image (a prefix with more images per sample fails loudly on the image-token count)."""
         return ("pixel_values", "image_sizes", "batch_num_images")
 
-    def split_image_inputs(self, batch: Batch, first: int) -> None:
+    def split_image_inputs(self, batch: Batch, first: int, samples: range | None = None) -> None:
         """None: an image is tiled only when alone in its sample (``batch_num_images``), so a
         prompt's first image is not the same tokens as that image alone; no split."""
         return None

@@ -223,7 +223,7 @@ class Qwen2VLAdapter(Adapter):
         positions, which the shared-prefix path passes explicitly."""
         return ("mm_token_type_ids",)
 
-    def split_image_inputs(self, batch: Batch, first: int) -> None:
+    def split_image_inputs(self, batch: Batch, first: int, samples: range | None = None) -> None:
         """No split: the pixel rows are flat patches (not one row per image), and a prompt
         continued after its first image would need its M-RoPE positions continued too; ViCrop's
         answer runs the whole prompt (the shared-prefix capture still applies)."""

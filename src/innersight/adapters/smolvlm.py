@@ -409,7 +409,7 @@ class SmolVLMAdapter(Adapter):
         """The first ``n`` rows: one row per sample holds all of its images' frames."""
         return {k: v[:n] for k, v in batch.inputs.items() if k in self.prefix_image_inputs}
 
-    def split_image_inputs(self, batch: Batch, first: int) -> None:
+    def split_image_inputs(self, batch: Batch, first: int, samples: range | None = None) -> None:
         """None: one row per sample holds every image's frames, not one row per image (the
         answer-prefix reuse runs the whole prompt)."""
         return None

@@ -29,8 +29,8 @@ prompt batch's).
 
 Exact only when: the answer's first images are the images the capture encoded (the adapter
 compares the image inputs, :meth:`~innersight.adapters.base.Adapter.same_image_inputs`) and their
-tokens all lie in the common prefix; one capture ran in the scope, over the answer's samples (a
-tiled image's captures are tiles; more samples than one map chunk make several captures); the
+tokens all lie in the common prefix; the scope's captures (one per map chunk) ran over the
+answer's samples, in order (a tiled image's captures are tiles: declined); the
 plan has no other method and generation settings that add nothing to the prompt
 (:meth:`innersight.flow.Plan.prefill_conflict`: attention methods, negative branches, VISTA...
 read or change the prefill). Otherwise the answer is generated from the prompt as before, and
@@ -72,12 +72,16 @@ class KeptPrefix:
 
 @dataclass
 class PrefixKeeper:
-    """Collects the map's prefix while an answer that may continue from it is being prepared
-    (:func:`keeping_prefix`). Only a scope with exactly one capture keeps one: several captures
-    (tiles, chunks) leave nothing to continue from."""
+    """Collects the map's prefixes while an answer that may continue from them is being prepared
+    (:func:`keeping_prefix`): one :class:`KeptPrefix` per capture, in order (the map's chunks of
+    samples; a tiled image's captures are tiles, which the answer then declines)."""
 
-    captures: int = 0
-    kept: KeptPrefix | None = None
+    parts: list[KeptPrefix] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[KeptPrefix] | None:
+        """Every capture's prefix, in capture order; None when none ran."""
+        return list(self.parts) or None
 
     def stop_layer(self, decoder_layers: Any) -> int:
         """The layer whose attention ends the prefix pass: the last, so that every layer's keys
@@ -89,7 +93,6 @@ class PrefixKeeper:
         over the widest prefix; ``prefix_ids``: each sample's ids, unpadded) before the suffix
         pass grows it. The tensors are referenced (detached), not copied: the suffix pass
         replaces them in the cache (row repeat, concatenation) and never writes into them."""
-        self.captures += 1
         # detached: a gradient map's prefix pass records a graph the answer must not keep alive
         layers = [(layer.keys.detach(), layer.values.detach()) for layer in cache.layers]
         rows, width = len(prefix_ids), max(int(ids.numel()) for ids in prefix_ids)
@@ -97,7 +100,7 @@ class PrefixKeeper:
             raise RuntimeError(f"the prefix pass's KV cache is not {rows} row(s) of {width} positions per layer "
                                f"({[tuple(k.shape) for k, _ in layers]}): the transformers cache layout changed")
         images = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in image_inputs.items()}
-        self.kept = KeptPrefix([ids.clone() for ids in prefix_ids], images, layers) if self.captures == 1 else None
+        self.parts.append(KeptPrefix([ids.clone() for ids in prefix_ids], images, layers))
 
 
 def active_keeper() -> PrefixKeeper | None:
@@ -127,21 +130,25 @@ def prefix_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -
     return cache
 
 
-def aligned_cache(kept: KeptPrefix, common: list[int]) -> Any:
-    """A new ``DynamicCache`` of the first ``common[i]`` prefix positions of each sample ``i``,
-    left-padded with zeros to ``max(common)`` (the padded positions are masked)."""
+def aligned_cache(parts: list[KeptPrefix], common: list[int]) -> Any:
+    """A new ``DynamicCache`` of the first ``common[i]`` prefix positions of each sample ``i``
+    (the samples of ``parts`` in order), left-padded with zeros to ``max(common)`` (the padded
+    positions are masked)."""
     from transformers import DynamicCache
 
+    rows = [(part, r) for part in parts for r in range(part.rows)]  # sample i -> (its capture, its row)
     width = max(common)
     cache = DynamicCache()
-    for index, (keys, values) in enumerate(kept.layers):
-        p = keys.shape[-2]  # the kept rows' width: sample i's prefix at its last len(ids[i]) columns
-        out_k = keys.new_zeros((len(common), keys.shape[1], width, keys.shape[-1]))  # [B, H_kv, W, D]
-        out_v = values.new_zeros((len(common), values.shape[1], width, values.shape[-1]))
+    for index in range(len(parts[0].layers)):
+        keys0, values0 = parts[0].layers[index]
+        out_k = keys0.new_zeros((len(common), keys0.shape[1], width, keys0.shape[-1]))  # [B, H_kv, W, D]
+        out_v = values0.new_zeros((len(common), values0.shape[1], width, values0.shape[-1]))
         for i, c in enumerate(common):
-            first = p - int(kept.ids[i].numel())
-            out_k[i, :, width - c:] = keys[i, :, first:first + c]
-            out_v[i, :, width - c:] = values[i, :, first:first + c]
+            part, r = rows[i]
+            keys, values = part.layers[index]  # [n_part, H_kv, P_part, D]: row r's prefix at its last columns
+            first = keys.shape[-2] - int(part.ids[r].numel())
+            out_k[i, :, width - c:] = keys[r, :, first:first + c]
+            out_v[i, :, width - c:] = values[r, :, first:first + c]
         cache.update(out_k, out_v, index)
     return cache
 
@@ -152,7 +159,7 @@ class AnswerPrefix:
     batch from the kept prefix, or say why not. ``outcome`` records what happened (the
     answer's ``answer_prefix`` detail)."""
 
-    kept: KeptPrefix | None
+    kept: list[KeptPrefix] | None
     outcome: dict[str, Any] = field(default_factory=lambda: {"reused": False, "why": "generate did not ask"})
 
     def __call__(self, mllm: Any, batch: Batch) -> Any:
@@ -171,12 +178,13 @@ class AnswerPrefix:
         from ..flow import Continuation
         from .prefix import common_length  # prefix.py imports this module's keeper
 
-        kept, adapter, model = self.kept, mllm.adapter, mllm.model
-        if kept is None:
-            raise _Fallback("no single prefix capture")
+        parts, adapter, model = self.kept, mllm.adapter, mllm.model
+        if not parts:
+            raise _Fallback("no prefix capture")
         rows = len(batch)
-        if rows != kept.rows:
-            raise _Fallback(f"the capture kept {kept.rows} prefix rows for {rows} answer rows (tiles?)")
+        kept_ids = [ids for part in parts for ids in part.ids]  # per sample, in order
+        if rows != len(kept_ids) or any(len(p.layers) != len(parts[0].layers) for p in parts):
+            raise _Fallback(f"the captures kept {len(kept_ids)} prefix rows for {rows} answer rows (tiles?)")
         ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]  # [B, L]
         length = ids.shape[1]
         starts = [int(length - mask[r].sum()) for r in range(rows)]
@@ -187,13 +195,17 @@ class AnswerPrefix:
         split = adapter.split_image_inputs(batch, 1)
         if split is None:
             raise _Fallback("the family cannot split its image inputs")
-        head, tail = split
-        if not adapter.same_image_inputs(head, kept.image_inputs):
-            raise _Fallback("the answer's first image is not the captured image")
+        _, tail = split
+        first_sample = 0
+        for part in parts:  # each capture's images against its samples' first images
+            own = adapter.split_image_inputs(batch, 1, range(first_sample, first_sample + part.rows))
+            if own is None or not adapter.same_image_inputs(own[0], part.image_inputs):
+                raise _Fallback("the answer's first image is not the captured image")
+            first_sample += part.rows
         common, rests, later_images = [], [], False
         for r in range(rows):
             row = ids[r, starts[r]:]  # [l_r] the prompt without its padding
-            c = common_length(row.cpu(), kept.ids[r].cpu())
+            c = common_length(row.cpu(), kept_ids[r].cpu())
             layouts = batch.layouts[r]
             first_end = int(layouts[0].positions.max()) + 1 - starts[r]
             later = [int(p) - starts[r] for lay in layouts[1:] for p in (lay.positions.min(), lay.positions.max())]
@@ -205,7 +217,7 @@ class AnswerPrefix:
             later_images = later_images or bool(later)
             common.append(c)
             rests.append(row[c:-1])  # [l_r - 1 - c] prefilled on the cache
-        cache = aligned_cache(kept, common)
+        cache = aligned_cache(parts, common)
         width, rest_width = max(common), max(int(t.numel()) for t in rests)
         device = ids.device
         pad = int(ids[0, 0]) if starts[0] else 0
