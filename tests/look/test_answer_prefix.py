@@ -273,7 +273,35 @@ def test_fallback_for_a_tiled_image(tiny_mllm):
     answer, _ = _answer(mllm, image, settings={"vicrop-rel-att": {"layer": 1, "tile_max_side": 60}})
     assert answer.details["vicrop-rel-att"]["tiles"] is not None
     assert answer.details["vicrop-rel-att"]["answer_prefix"] == {
-        "reused": False, "why": "the captures kept 3 prefix rows for 1 answer rows (tiles?)"}
+        "reused": False, "why": "a tiled image (its maps' prefixes are tiles)"}
+
+
+def test_kept_rows_must_be_the_answers_samples(tiny_mllm):
+    mllm = tiny_mllm("llava")
+    images = [_scene(seed=17), _scene(70, 90, seed=18)]
+    with AP.keeping_prefix() as keeper:
+        V.choose_crops(mllm, images, [QUESTION] * 2, V.ViCropConfig(layer=1))
+    start = AP.AnswerPrefix(keeper.kept)
+    assert start(mllm, flow.build_batch(mllm.adapter, [[images[0]]], [QUESTION])) is None
+    assert start.outcome == {"reused": False, "why": "the captures kept 2 prefix rows for 1 answer rows (tiles?)"}
+
+
+@pytest.mark.parametrize("family,runs_every_layer", [("llava", True), ("qwen2_vl", False)])
+def test_the_prefix_runs_every_layer_only_where_the_answer_can_use_it(tiny_mllm, family, runs_every_layer):
+    """rel-att's prefix pass runs past its capture layer (to fill every layer's cache) only for a
+    family whose answer can continue from it: Qwen's cannot, so its map costs what it did."""
+    mllm = tiny_mllm(family)
+    last = mllm.adapter.decoder_layers[-1]
+    calls = []
+    hook = last.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    try:
+        with AP.keeping_prefix() as keeper:
+            V.choose_crops(mllm, [_scene(seed=19)], [QUESTION], V.ViCropConfig(layer=0))
+    finally:
+        hook.remove()
+    assert len(mllm.adapter.decoder_layers) > 1  # the capture layer is not the last
+    assert bool(calls) is runs_every_layer
+    assert (keeper.kept is not None) is runs_every_layer
 
 
 def test_fallback_for_the_joint_capture(tiny_mllm):

@@ -267,12 +267,22 @@ class _Fallback(Exception):
     """The answer prefix does not apply (the message says why): generate from the prompt."""
 
 
+def _tiled(method: Any, image_lists: list[list[Any]]) -> bool:
+    """Whether ViCrop maps any of these images in tiles (high-resolution mode)."""
+    from .vicrop import tile_grid_for
+
+    config = getattr(method, "config", None)
+    return config is not None and any(tile_grid_for(ims[0], config) is not None for ims in image_lists if ims)
+
+
 def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str,
                 generate: Any) -> tuple[list[list[int]], list[str], list[dict[str, Any]], dict[str, Any]]:
     """ViCrop's map, box and crop (``method.apply``), then one generate of the answers, continued
     from the capture's prefix where exact (module docstring); records ``answer_prefix`` in each
     sample's ``details[method.name]``."""
     conflict = getattr(generate, "prefill_conflict", "the caller's generate takes no prefill")
+    if conflict is None and _tiled(method, image_lists):
+        conflict = "a tiled image (its maps' prefixes are tiles)"
     if conflict is not None:
         lists, extras = method.apply(mllm, image_lists, questions, template)
         out = generate(lists, questions)

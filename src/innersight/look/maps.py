@@ -266,7 +266,7 @@ def shared_prefix_grad_att(mllm: Any, batch: Batch, capture: AttentionCapture) -
     # no graph, but not inference mode: the suffix's graph reads these keys and values
     with torch.no_grad(), frozen_parameters(model):
         cache = prefix_pass(mllm, split, last)
-    keeper = answer_keeper(split)
+    keeper = answer_keeper(mllm, batch)
     if keeper is not None:
         keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
     with grad_from(adapter.decoder_layers[capture.layer], model):

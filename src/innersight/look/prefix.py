@@ -234,11 +234,16 @@ def _check_length(cache: Any, expected: int, which: str) -> None:
                            "the model's forward did not take the KV cache it was given")
 
 
-def answer_keeper(split: PrefixSplit) -> Any:
-    """The keeper of the answer that may continue from this prefix
+def answer_keeper(mllm: Any, batch: Batch) -> Any:
+    """The keeper of the answer that may continue from the prefix of ``batch``
     (:mod:`innersight.look.answer_prefix`; its prefix pass must then run every layer, and the
-    cache is kept before the suffix pass grows it); None when no answer will."""
-    return active_keeper()
+    cache is kept before the suffix pass grows it); None when no answer will: outside a keeping
+    scope, or for a family that cannot split its image inputs (the answer could not use the
+    prefix, so the pass need not run past the capture layer)."""
+    keeper = active_keeper()
+    if keeper is None or mllm.adapter.split_image_inputs(batch, 1) is None:
+        return None
+    return keeper
 
 
 def suffix_pass(mllm: Any, split: PrefixSplit, cache: Any, handlers: dict[int, Any], **kwargs: Any) -> Any:
@@ -279,7 +284,7 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
         return None
     with torch.inference_mode():
         # the final answer may continue from this prefix (one sample): then every layer fills the cache
-        keeper = answer_keeper(split)
+        keeper = answer_keeper(mllm, batch)
         cache = prefix_pass(mllm, split, layer if keeper is None else keeper.stop_layer(mllm.adapter.decoder_layers))
         if keeper is not None:
             keeper.keep(cache, split.sample_prefixes(), split.image_inputs)

@@ -104,7 +104,7 @@ def shared_prefix_pixel_gradients(mllm: Any, batch: Any, n: int) -> torch.Tensor
     last = len(mllm.adapter.decoder_layers) - 1
     with torch.enable_grad(), frozen_parameters(model):
         cache = prefix_pass(mllm, split, last, {**split.image_inputs, "pixel_values": pixels})
-        keeper = answer_keeper(split)
+        keeper = answer_keeper(mllm, batch)
         if keeper is not None:
             keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
         output = suffix_pass(mllm, split, cache, {}, **last_logits_kwargs(model))
