@@ -47,8 +47,9 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   which ``generate`` passes at every step and the pre-hook extends; a missing one is refused
   loudly, never guessed. Greedy search and sampling never look at the cache's batch size. The
   main rows' keys, values, mask and positions are exactly those of a plain run. Sliding-window
-  cache layers (Gemma 3) take the padded merge: each keeps the last ``window - 1`` positions, which
-  for the left-padded negative prompt are its own last positions behind zeros. When the branch
+  cache layers (Gemma 3) are packed too (below); in the padded merge each keeps the last
+  ``window - 1`` positions, which for the left-padded negative prompt are its own last positions
+  behind zeros. When the branch
   cannot batch (no cache found, ``use_cache=False``, a static or quantised cache) it runs
   serially with the same tokens and says so: :meth:`NegativeBranch.details`
   (copied into each answer's ``details`` and eval row) names the mode and the reason, and a
@@ -72,31 +73,43 @@ Padded, the negative rows cost the main row's length: DAMRO's negative prompt is
 with ``k`` outlier tokens (about 30 tokens on LLaVA-1.5) but its rows would hold the ~600
 positions of the main prompt, and every step ``DynamicCache.update`` copies them and the
 attention runs over them, masked. Packed, they cost their own length. At the prefill merge each
-plain ``DynamicLayer`` of the shared cache is replaced by a :class:`PackedLayer`: what ``generate``
-and the model's bookkeeping read of it (``keys``, ``get_seq_length``, ``get_mask_sizes``) is the
-main rows, exactly as in a plain run; the negative rows' keys and values are kept apart at their
-own length ``Ln + t``. A step is still one batched forward of ``2B`` rows inside ``generate``:
-``update`` appends rows ``:B`` to the main store (and returns it, as ``DynamicLayer`` does) and
-rows ``B:`` to the negative store; the model builds its ``[2B, 1, 1, Lm + t]`` mask as before (the
-pre-hook still passes the negative mask left-padded to the main length), and the attention reads
+plain ``DynamicLayer`` of the shared cache is replaced by a :class:`PackedLayer`, and each
+``DynamicSlidingWindowLayer`` (Gemma 3's local layers) by a :class:`SlidingPackedLayer`: what
+``generate`` and the model's bookkeeping read of it (``keys``, ``get_seq_length``,
+``get_mask_sizes``) is the main rows, exactly as in a plain run; the negative rows' keys and values
+are kept apart at their own length ``Ln + t`` (a sliding layer keeps what it would keep of the
+negative rows alone: their last ``window - 1`` positions). A step is still one batched forward of
+``2B`` rows inside ``generate``: ``update`` appends rows ``:B`` to the main store (and returns
+it, as ``DynamicLayer`` does) and rows ``B:`` to the negative store; the model builds its
+``[2B, 1, 1, Lm + t]`` mask as before (the pre-hook still passes the negative mask left-padded to
+the main length), and the attention reads
 the negative store through innersight's dispatcher (:func:`innersight.attention.packed_rows`):
 the main rows run as usual (an attention method's handler, or SDPA), rows ``B..2B-1`` run SDPA on
 the negative store with the branch's own ``[B, Ln + t]`` mask (at a decoding step the query is
-one position, so the causal mask is the padding mask). For that the text attention runs through
-``innersight`` (SDPA unless told otherwise) from the merge to the branch's exit.
+one position, so the causal mask is the padding mask; on a sliding layer the query attends to the
+store plus the new position, at most ``window`` positions, all inside its window, so the
+sliding-window mask over the negative rows' own positions is the padding mask's last columns).
+A window counts cache positions, padding included; the negative store's positions are the serial
+branch's (its cache holds the negative prompt alone, left-padded to its own length ``Ln``), and
+the padded merge shifts them all by the same ``Lm - Ln``, so the three see the same keys in every
+window. For that the text attention runs through ``innersight`` (SDPA unless told otherwise) from
+the merge to the branch's exit.
 
 Everything this relies on is checked: at the merge (else the padded merge, with the reason in
 :meth:`NegativeBranch.details` ``{"negative_cache": "padded", "why": ...}``): every cache layer a
-plain ``DynamicLayer`` (a sliding-window layer keeps only the last positions, which the padded
-merge gets right), one cache layer per decoder layer with ``self_attn.layer_idx`` its index, no
+plain ``DynamicLayer`` or ``DynamicSlidingWindowLayer`` (the negative cache's layer of the same type
+and window; a sliding layer not recording its past states and holding its last ``window - 1``
+positions), one cache layer per decoder layer with ``self_attn.layer_idx`` its index, no
 offloading, and a text attention of ``sdpa`` (or already ``innersight``: the packed rows run
 SDPA; an eager or flash model keeps its own kernel and the padded merge). At every step (else a
 ``MethodError``): ``2B`` rows reach each layer's ``update``, the attention receives the very keys
 ``update`` returned, one query position, and after the forward every layer's negative rows were
 read (an attention that bypassed the dispatcher would, with one row, silently broadcast the main
-keys to the negative row). ``PackedLayer`` refuses row reordering (beam search is refused
-anyway). On exit, also after an exception, each packed layer is replaced by the plain layer it
-stood for, holding the main rows only, and the attention implementation is restored. Tokens and
+keys to the negative row); on a sliding layer also at most ``window`` negative positions attended
+and no past-state recording. ``PackedLayer`` refuses row reordering (beam search is refused
+anyway), ``SlidingPackedLayer`` also any crop. On exit, also after an exception, each packed
+layer is replaced by the plain layer it stood for, holding the main rows only (a sliding layer with
+its position count), and the attention implementation is restored. Tokens and
 scores equal the padded and the serial branch's (``tests/decode/test_packed_negative_cache.py``);
 the config field ``negative_cache="padded"`` (DAMRO, VCD) keeps the padded merge for comparison.
 
