@@ -837,7 +837,7 @@ class NegativeBranch:
         """After a batched step: every packed layer's negative rows were read by the attention."""
         for i, layer in enumerate(self._packed):
             if layer.pending is not None:
-                layer.pending = None
+                layer.pending = layer._pending_tail = None
                 raise MethodError(f"packed negative cache: layer {i}'s attention did not read the negative rows "
                                   "(it does not run through innersight's attention dispatcher)")
 
