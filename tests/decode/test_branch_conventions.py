@@ -20,10 +20,6 @@ from innersight.testing.cli import run_cli
 
 K = {"llava": 3, "llava_next": 2, "instructblip": 3, "qwen2_vl": 2, "qwen2_5_vl": 2, "qwen3_vl": 2, "llava_onevision": 3, "internvl": 2, "gemma3": 3, "smolvlm": 2}
 QUESTIONS = ["what is it?", "is there a dog in the picture?"]
-#: tiny families whose KV cache has sliding-window layers: their negative rows stay padded
-SLIDING_WINDOW_FAMILIES = ("gemma3",)
-SLIDING_WHY = ("the KV cache holds DynamicSlidingWindowLayer layers (only plain DynamicLayer layers are packed; "
-               "a sliding window keeps the padded rows' last positions)")
 
 
 def _settings(method: str, family: str, **extra) -> dict:
@@ -105,9 +101,8 @@ def test_answers_record_that_the_batched_branch_ran(tiny_mllm, image, family, me
     with caplog.at_level(logging.WARNING, logger="innersight"):
         answers = mllm.answer_batch([image(1), image(2, 50, 80)], QUESTIONS, methods=[method],
                                     settings=_settings(method, family), max_new_tokens=3)
+    # every family packs, Gemma 3's sliding-window cache layers included
     expected = {"mode": "batched", "requested": "batched", "negative_cache": "packed"}
-    if family in SLIDING_WINDOW_FAMILIES:  # sliding-window cache layers keep the padded merge
-        expected = {**expected, "negative_cache": "padded", "why": SLIDING_WHY}
     for a in answers:
         assert a.details[method]["branch"] == expected
     assert not [r for r in caplog.records if "serially" in r.getMessage()]

@@ -7,6 +7,12 @@ prompt lengths, greedy and seeded sampling; the packed path really runs (details
 layer type, the negative store's length = its own prompt + steps); the model and the shared cache
 are restored after exit and after an exception; every private convention it relies on fails
 loudly when broken.
+
+Checked on tiny Gemma 3 (five sliding-window layers, then a full one) with windows the negative
+rows outgrow (at the prefill, or during the steps): the sliding layers pack too, with the same
+tokens and per-step scores as the padded merge and the serial branch (DAMRO, VCD, batch 1 and 2);
+their negative store keeps its last ``window - 1`` positions; ICD (a negative prompt longer than
+the main one) runs batched and packed with the serial branch's tokens and scores.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ import contextlib
 import pytest
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from innersight.attention import IMPLEMENTATION, text_attention
 from innersight.decode import contrast
-from innersight.decode.contrast import ContrastiveProcessor, PackedLayer, _PackedState
+from innersight.decode.contrast import ContrastiveProcessor, PackedLayer, SlidingPackedLayer, _PackedState
 from innersight.decode.damro import DAMRO, DAMROConfig
 from innersight.decode.vcd import VCD, VCDConfig
 from innersight.errors import MethodError
@@ -35,7 +41,13 @@ STEPS = 4
 
 def _processor(mllm, batch, method: str, way: str, alpha: float = 2.0) -> ContrastiveProcessor:
     branch, cache = WAYS[way]
-    if method == "damro":
+    if method == "icd":
+        from innersight.decode.icd import ICD, ICDConfig
+
+        if way == "padded":
+            raise ValueError("ICD has no padded merge (its negative prompt is longer than the main one)")
+        impl = ICD(ICDConfig(alpha=alpha, branch=branch))
+    elif method == "damro":
         impl = DAMRO(DAMROConfig(k=3, alpha=alpha, branch=branch, negative_cache=cache))
     else:
         impl = VCD(VCDConfig(alpha=alpha, branch=branch, negative_cache=cache))
@@ -232,3 +244,159 @@ def test_a_non_sdpa_text_attention_keeps_the_padded_merge(tiny_mllm, image):
         set_text_attention(mllm.model, previous)
     details = proc.branch.details()
     assert details["negative_cache"] == "padded" and "'eager'" in details["why"]
+
+
+# ---------------------------------------------------------------------- sliding-window layers (Gemma 3)
+#: sliding windows of the tiny Gemma 3 (the fixture's default is 20): 8, which every negative
+#: prompt outgrows at the prefill, and 17, which DAMRO's one-sample negative prompt (15 tokens)
+#: outgrows only during the steps
+WINDOWS = (8, 17)
+
+
+def _sliding_store(proc: ContrastiveProcessor, input_ids: torch.Tensor) -> tuple:
+    """Per cache layer at this step: (type, main rows, positions the negative rows have, positions
+    the negative store holds)."""
+    return input_ids.shape[1], [(type(layer), int(layer.keys.shape[0]), layer.negative_length,
+                                 int(layer.negative_keys.shape[-2])) for layer in proc.branch.cache.layers]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("method", ["damro", "vcd"])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_sliding_window_layers_pack_equal_to_padded_and_serial(tiny_mllm, image, window, method, rows):
+    mllm = tiny_mllm("gemma3", sliding_window=window)
+    batch = mllm.prepare([image(21), image(22, 50, 80)][:rows], QUESTIONS[:rows])
+    if rows == 2:
+        assert not bool(batch.inputs["attention_mask"].bool().all())
+    runs = {way: _run(mllm, batch, _processor(mllm, batch, method, way), sample=False,
+                      spy=_sliding_store if way == "packed" else None) for way in WAYS}
+    packed = runs["packed"][1]
+    assert packed.proc.branch.details() == {"mode": "batched", "requested": "batched", "negative_cache": "packed"}
+    assert runs["serial"][1].proc.branch.details()["mode"] == "serial"
+    for way in ("padded", "serial"):
+        assert runs["packed"][0] == runs[way][0], way
+        _assert_same_steps(packed, runs[way][1])
+    main, negative, _ = packed.steps[0]
+    assert float((main - negative).abs().max()) > 1e-3
+    # the negative rows really slide: their positions outgrow the window during the call
+    prompt, own = batch.input_ids.shape[1], packed.proc.branch.inputs.length
+    assert own + STEPS > window
+    kinds = set()
+    for length, layers in packed.seen:
+        steps = length - prompt
+        for kind, main_rows, positions, held in layers:
+            kinds.add(kind)
+            assert main_rows == rows and positions == own + steps
+            assert held == (min(own + steps, window - 1) if kind is SlidingPackedLayer else own + steps)
+    assert kinds == {SlidingPackedLayer, PackedLayer}
+    assert any(held < positions for _, layers in packed.seen for _, _, positions, held in layers)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_the_shared_sliding_cache_is_plain_main_rows_after_exit(tiny_mllm, image, window):
+    mllm = tiny_mllm("gemma3", sliding_window=window)
+    batch = mllm.prepare([image(25), image(26, 50, 80)], QUESTIONS)
+    proc = _processor(mllm, batch, "damro", "packed")
+    caches = []
+    _run(mllm, batch, proc, sample=False, spy=lambda proc_, input_ids: caches.append(proc_.branch.cache))
+    layers = caches[-1].layers
+    assert {type(layer) for layer in layers} == {DynamicSlidingWindowLayer, DynamicLayer}
+    assert {int(layer.keys.shape[0]) for layer in layers} == {2}
+    total = batch.input_ids.shape[1] + STEPS - 1  # the last token is chosen, not fed
+    for layer in layers:
+        assert layer.get_seq_length() == total
+        held = min(total, window - 1) if type(layer) is DynamicSlidingWindowLayer else total
+        assert int(layer.keys.shape[-2]) == held
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_icd_on_sliding_window_layers_runs_batched_packed_with_the_serial_tokens(tiny_mllm, image, rows):
+    """ICD's negative prompt is longer than the main one: it has no padded merge, so before the
+    sliding layers packed it ran serially on Gemma 3."""
+    mllm = tiny_mllm("gemma3", sliding_window=WINDOWS[0])
+    batch = mllm.prepare([image(2), image(3, 50, 80)][:rows], QUESTIONS[:rows])
+    runs = {way: _run(mllm, batch, _processor(mllm, batch, "icd", way), sample=False) for way in ("packed", "serial")}
+    packed = runs["packed"][1].proc.branch
+    assert packed.details() == {"mode": "batched", "requested": "batched", "negative_cache": "packed"}
+    assert packed.inputs.length > batch.input_ids.shape[1]
+    assert runs["serial"][1].proc.branch.details() == {"mode": "serial", "requested": "serial"}
+    assert runs["packed"][0] == runs["serial"][0]
+    _assert_same_steps(runs["packed"][1], runs["serial"][1])
+
+
+def _sliding_layer(rows: int = 1, window: int = 4, length: int = 6, own: int = 2) -> tuple:
+    """A packed sliding-window layer: main rows with ``length`` positions, negative rows with ``own``."""
+    plain, negative = DynamicSlidingWindowLayer(window), DynamicSlidingWindowLayer(window)
+    plain.update(torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 4))
+    negative.update(torch.randn(rows, 2, own, 4), torch.randn(rows, 2, own, 4))
+    state = _PackedState(rows=rows)
+    return SlidingPackedLayer(plain, negative, state), state, plain
+
+
+def test_sliding_packed_layer_keeps_the_window_of_each_side_and_checks_every_convention():
+    layer, state, plain = _sliding_layer()
+    assert layer.is_sliding and layer.get_seq_length() == 6 and layer.get_mask_sizes(1) == plain.get_mask_sizes(1)
+    assert layer.negative_length == 2 and layer.negative_keys.shape[-2] == 2
+    mask = torch.tensor([[False, True, True, True, True]])[:, None, None, :]  # the negative rows' 5 positions
+    for step in range(3):  # 2 -> 3 -> 4 -> 5 negative positions: the store keeps the last window - 1 = 3
+        new_k, new_v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+        before = layer.negative_keys
+        keys, values = layer.update(new_k, new_v)
+        assert keys.shape == (1, 2, 4, 4) and torch.equal(keys[:, :, -1:], new_k[:1])  # main: window - 1 + new
+        assert layer.get_seq_length() == 7 + step
+        state.mask = mask[..., :3 + step]
+        tail_keys, tail_values, tail_mask = layer.tail_inputs(torch.randn(2, 4, 1, 4), keys)
+        assert torch.equal(tail_keys, torch.cat([before, new_k[1:]], dim=-2))  # the store plus the new position
+        assert torch.equal(tail_values[:, :, -1:], new_v[1:])
+        assert torch.equal(tail_mask, state.mask[..., -tail_keys.shape[-2]:])  # the padding mask's last columns
+        assert layer.negative_length == 3 + step and layer.negative_keys.shape[-2] == min(3 + step, 3)
+        assert torch.equal(layer.negative_keys, tail_keys[:, :, -3:])
+    # the first negative position (padding) has left the window: its column is no longer read
+    assert bool(tail_mask.all())
+    layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    state.mask = mask  # one position short of the negative rows' 6
+    with pytest.raises(MethodError, match="disagree in length"):
+        layer.tail_inputs(torch.randn(2, 4, 1, 4), layer.pending)
+    with pytest.raises(MethodError, match="crop"):
+        layer.crop(-1)
+    with pytest.raises(MethodError, match="crop"):
+        layer.crop(0)
+    with pytest.raises(MethodError, match="beam search"):
+        layer.batch_select_indices(torch.tensor([0]))
+    layer.pending = None
+    layer.record_past = True
+    with pytest.raises(MethodError, match="recording its past"):
+        layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    layer.record_past = False
+    restored = layer.unpacked()
+    assert restored is plain and type(restored) is DynamicSlidingWindowLayer
+    assert restored.keys is layer.keys and restored.cumulative_length == layer.cumulative_length == 10
+
+
+def test_a_sliding_tail_wider_than_the_window_is_refused():
+    layer, state, _ = _sliding_layer(window=4, own=2)
+    keys, _ = layer.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4))
+    layer._pending_tail = (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))  # 5 positions > window 4
+    state.mask = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    with pytest.raises(MethodError, match="exceed the sliding window"):
+        layer.tail_inputs(torch.randn(2, 4, 1, 4), keys)
+
+
+def test_sliding_layers_that_cannot_pack_say_why():
+    def pair(window_a=4, window_b=4, own=2):
+        a, b = DynamicSlidingWindowLayer(window_a), DynamicSlidingWindowLayer(window_b)
+        a.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+        b.update(torch.randn(1, 2, own, 4), torch.randn(1, 2, own, 4))
+        return a, b
+
+    assert contrast._why_not_packed_layer(*pair()) is None
+    assert "sliding windows of 4 and 5" in contrast._why_not_packed_layer(*pair(window_b=5))
+    a, b = pair()
+    b.record_past = True
+    assert "records its past" in contrast._why_not_packed_layer(a, b)
+    a, b = pair(own=6)
+    b.keys = torch.randn(1, 2, 6, 4)  # more than window - 1 = 3 positions held
+    assert "last window - 1 positions" in contrast._why_not_packed_layer(a, b)
+    full = DynamicLayer()
+    full.update(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4))
+    assert "DynamicLayer" in contrast._why_not_packed_layer(a, full)

@@ -47,8 +47,9 @@ spliced into the embedded prompt, so the same code serves every family. Two ways
   which ``generate`` passes at every step and the pre-hook extends; a missing one is refused
   loudly, never guessed. Greedy search and sampling never look at the cache's batch size. The
   main rows' keys, values, mask and positions are exactly those of a plain run. Sliding-window
-  cache layers (Gemma 3) take the padded merge: each keeps the last ``window - 1`` positions, which
-  for the left-padded negative prompt are its own last positions behind zeros. When the branch
+  cache layers (Gemma 3) are packed too (below); in the padded merge each keeps the last
+  ``window - 1`` positions, which for the left-padded negative prompt are its own last positions
+  behind zeros. When the branch
   cannot batch (no cache found, ``use_cache=False``, a static or quantised cache) it runs
   serially with the same tokens and says so: :meth:`NegativeBranch.details`
   (copied into each answer's ``details`` and eval row) names the mode and the reason, and a
@@ -72,31 +73,43 @@ Padded, the negative rows cost the main row's length: DAMRO's negative prompt is
 with ``k`` outlier tokens (about 30 tokens on LLaVA-1.5) but its rows would hold the ~600
 positions of the main prompt, and every step ``DynamicCache.update`` copies them and the
 attention runs over them, masked. Packed, they cost their own length. At the prefill merge each
-plain ``DynamicLayer`` of the shared cache is replaced by a :class:`PackedLayer`: what ``generate``
-and the model's bookkeeping read of it (``keys``, ``get_seq_length``, ``get_mask_sizes``) is the
-main rows, exactly as in a plain run; the negative rows' keys and values are kept apart at their
-own length ``Ln + t``. A step is still one batched forward of ``2B`` rows inside ``generate``:
-``update`` appends rows ``:B`` to the main store (and returns it, as ``DynamicLayer`` does) and
-rows ``B:`` to the negative store; the model builds its ``[2B, 1, 1, Lm + t]`` mask as before (the
-pre-hook still passes the negative mask left-padded to the main length), and the attention reads
+plain ``DynamicLayer`` of the shared cache is replaced by a :class:`PackedLayer`, and each
+``DynamicSlidingWindowLayer`` (Gemma 3's local layers) by a :class:`SlidingPackedLayer`: what
+``generate`` and the model's bookkeeping read of it (``keys``, ``get_seq_length``,
+``get_mask_sizes``) is the main rows, exactly as in a plain run; the negative rows' keys and values
+are kept apart at their own length ``Ln + t`` (a sliding layer keeps what it would keep of the
+negative rows alone: their last ``window - 1`` positions). A step is still one batched forward of
+``2B`` rows inside ``generate``: ``update`` appends rows ``:B`` to the main store (and returns
+it, as ``DynamicLayer`` does) and rows ``B:`` to the negative store; the model builds its
+``[2B, 1, 1, Lm + t]`` mask as before (the pre-hook still passes the negative mask left-padded to
+the main length), and the attention reads
 the negative store through innersight's dispatcher (:func:`innersight.attention.packed_rows`):
 the main rows run as usual (an attention method's handler, or SDPA), rows ``B..2B-1`` run SDPA on
 the negative store with the branch's own ``[B, Ln + t]`` mask (at a decoding step the query is
-one position, so the causal mask is the padding mask). For that the text attention runs through
-``innersight`` (SDPA unless told otherwise) from the merge to the branch's exit.
+one position, so the causal mask is the padding mask; on a sliding layer the query attends to the
+store plus the new position, at most ``window`` positions, all inside its window, so the
+sliding-window mask over the negative rows' own positions is the padding mask's last columns).
+A window counts cache positions, padding included; the negative store's positions are the serial
+branch's (its cache holds the negative prompt alone, left-padded to its own length ``Ln``), and
+the padded merge shifts them all by the same ``Lm - Ln``, so the three see the same keys in every
+window. For that the text attention runs through ``innersight`` (SDPA unless told otherwise) from
+the merge to the branch's exit.
 
 Everything this relies on is checked: at the merge (else the padded merge, with the reason in
 :meth:`NegativeBranch.details` ``{"negative_cache": "padded", "why": ...}``): every cache layer a
-plain ``DynamicLayer`` (a sliding-window layer keeps only the last positions, which the padded
-merge gets right), one cache layer per decoder layer with ``self_attn.layer_idx`` its index, no
+plain ``DynamicLayer`` or ``DynamicSlidingWindowLayer`` (the negative cache's layer of the same type
+and window; a sliding layer not recording its past states and holding its last ``window - 1``
+positions), one cache layer per decoder layer with ``self_attn.layer_idx`` its index, no
 offloading, and a text attention of ``sdpa`` (or already ``innersight``: the packed rows run
 SDPA; an eager or flash model keeps its own kernel and the padded merge). At every step (else a
 ``MethodError``): ``2B`` rows reach each layer's ``update``, the attention receives the very keys
 ``update`` returned, one query position, and after the forward every layer's negative rows were
 read (an attention that bypassed the dispatcher would, with one row, silently broadcast the main
-keys to the negative row). ``PackedLayer`` refuses row reordering (beam search is refused
-anyway). On exit, also after an exception, each packed layer is replaced by the plain layer it
-stood for, holding the main rows only, and the attention implementation is restored. Tokens and
+keys to the negative row); on a sliding layer also at most ``window`` negative positions attended
+and no past-state recording. ``PackedLayer`` refuses row reordering (beam search is refused
+anyway), ``SlidingPackedLayer`` also any crop. On exit, also after an exception, each packed
+layer is replaced by the plain layer it stood for, holding the main rows only (a sliding layer with
+its position count), and the attention implementation is restored. Tokens and
 scores equal the padded and the serial branch's (``tests/decode/test_packed_negative_cache.py``);
 the config field ``negative_cache="padded"`` (DAMRO, VCD) keeps the padded merge for comparison.
 
@@ -144,7 +157,7 @@ from typing import Any
 
 import torch
 from transformers import LogitsProcessor
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..adapters.base import ImageRows
 from ..attention import IMPLEMENTATION, handler_rows, innersight_text_attention, packed_rows, text_attention
@@ -425,8 +438,6 @@ def _merge_into(main: Any, negative: Any, pad: int) -> bool:
     the main layer's stored length is exactly the sliding cache of the padded prompt; the layer's
     position count (``cumulative_length``) stays the main prompt's, which the padded rows share.
     Any other layer type, or layers of different types or windows: False (nothing changed)."""
-    from transformers.cache_utils import DynamicSlidingWindowLayer
-
     main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
     if not main_layers or not neg_layers or len(main_layers) != len(neg_layers):
         return False
@@ -474,7 +485,7 @@ class PackedLayer(DynamicLayer):
 
     def __init__(self, plain: Any, negative_keys: torch.Tensor, negative_values: torch.Tensor,
                  state: _PackedState) -> None:
-        super().__init__()
+        DynamicLayer.__init__(self)  # not super(): a sliding subclass's next __init__ wants a window
         self.__dict__.update(vars(plain))  # keys, values and the plain layer's own state
         self.plain = plain
         self.negative_keys = negative_keys  # [B, Hkv, Ln, d]
@@ -482,6 +493,8 @@ class PackedLayer(DynamicLayer):
         self.state = state
         #: the main keys the last update returned, until the attention has read the negative rows
         self.pending: torch.Tensor | None = None
+        #: the negative keys and values the negative rows attend to in that forward
+        self._pending_tail: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,10 +506,22 @@ class PackedLayer(DynamicLayer):
             raise MethodError("packed negative cache: the attention did not read the negative rows of the previous "
                               "forward (it does not run through innersight's attention dispatcher)")
         keys, values = super().update(key_states[:rows], value_states[:rows], *args, **kwargs)  # [B, Hkv, Lm+t, d]
-        self.negative_keys = torch.cat([self.negative_keys, key_states[rows:]], dim=-2)  # [B, Hkv, Ln+t, d]
-        self.negative_values = torch.cat([self.negative_values, value_states[rows:]], dim=-2)
+        self._pending_tail = self._negative_update(key_states[rows:], value_states[rows:])
         self.pending = keys
         return keys, values
+
+    def _negative_update(self, key_states: torch.Tensor,
+                         value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the negative rows' new keys / values [B, Hkv, 1, d] to the negative store and
+        return what they attend to: the whole store [B, Hkv, Ln+t, d]."""
+        self.negative_keys = torch.cat([self.negative_keys, key_states], dim=-2)  # [B, Hkv, Ln+t, d]
+        self.negative_values = torch.cat([self.negative_values, value_states], dim=-2)
+        return self.negative_keys, self.negative_values
+
+    def _negative_mask(self, mask: torch.Tensor, keys: int) -> torch.Tensor:
+        """The negative rows' mask [B, 1, 1, keys] for the ``keys`` positions they attend to, from
+        their padding mask over all their positions [B, 1, 1, Ln+t] (a full layer: all of it)."""
+        return mask
 
     def tail_inputs(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
         """The negative rows' ``(keys, values, mask)`` for the attention of the forward that just
@@ -509,15 +534,20 @@ class PackedLayer(DynamicLayer):
         if query.shape[0] != 2 * self.state.rows or query.shape[2] != 1:
             raise MethodError(f"packed negative cache: a query of shape {tuple(query.shape)}, not one position of "
                               f"{2 * self.state.rows} rows")
+        assert self._pending_tail is not None
+        keys, values = self._pending_tail
         mask = self.state.mask
-        if mask is not None and mask.shape[-1] != self.negative_keys.shape[-2]:
-            raise MethodError("packed negative cache: the negative mask and the negative store disagree in length")
-        self.pending = None
-        return self.negative_keys, self.negative_values, mask
+        if mask is not None:
+            if mask.shape[-1] != self.negative_length:
+                raise MethodError("packed negative cache: the negative mask and the negative store disagree in length")
+            mask = self._negative_mask(mask, int(keys.shape[-2]))
+        self.pending = self._pending_tail = None
+        return keys, values, mask
 
     @property
     def negative_length(self) -> int:
-        """Positions held for the negative rows (their own prompt plus the steps so far)."""
+        """Positions of the negative rows so far (their own prompt plus the steps); this layer's
+        negative store holds them all."""
         return int(self.negative_keys.shape[-2])
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -535,32 +565,127 @@ class PackedLayer(DynamicLayer):
         raise MethodError("packed negative cache: generate reordered the cache rows (beam search is not supported)")
 
     def unpacked(self) -> Any:
-        """The plain layer this one replaced, holding the main rows' keys and values now."""
-        self.plain.keys, self.plain.values = self.keys, self.values
+        """The plain layer this one replaced, holding the main rows' state now (keys, values and,
+        for a sliding-window layer, its position count)."""
+        for name in vars(self.plain):
+            setattr(self.plain, name, self.__dict__[name])
         return self.plain
+
+
+class SlidingPackedLayer(PackedLayer, DynamicSlidingWindowLayer):
+    """A ``DynamicSlidingWindowLayer`` of the shared cache (Gemma 3's local layers) whose negative
+    rows are kept apart: the main rows are the plain sliding layer's, exactly; the negative store
+    keeps what that layer would keep of the negative rows alone, their last ``window - 1``
+    positions, and counts all their positions (``negative_length``).
+
+    At a step the negative rows attend to the store plus the new position (at most ``window``
+    positions, as ``DynamicSlidingWindowLayer.update`` returns), and their mask is the
+    sliding-window causal mask over their own positions: for one query at position ``p`` every
+    kept position ``> p - window`` is in the window, so it is the padding mask's last columns.
+    Past-state recording (assisted decoding) and crops are refused."""
+
+    is_sliding = True
+
+    def __init__(self, plain: Any, negative: Any, state: _PackedState) -> None:
+        super().__init__(plain, negative.keys.to(plain.keys.device), negative.values.to(plain.values.device), state)
+        #: positions of the negative rows so far (the store keeps the last ``window - 1``)
+        self.negative_seen = int(negative.cumulative_length)
+        if self.negative_keys.shape[-2] != min(self.negative_seen, self.sliding_window - 1):
+            raise MethodError("packed negative cache: the negative sliding-window layer does not hold its last "
+                              "window - 1 positions")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.record_past:
+            raise MethodError("packed negative cache: a sliding-window layer recording its past states "
+                              "(assisted decoding) is not supported")
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _negative_update(self, key_states: torch.Tensor,
+                         value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``DynamicSlidingWindowLayer.update``: return the store plus the new position
+        [B, Hkv, min(Ln+t, window-1) + 1, d], keep its last ``window - 1`` positions."""
+        self.negative_seen += int(key_states.shape[-2])
+        keys = torch.cat([self.negative_keys, key_states], dim=-2)  # [B, Hkv, K + 1, d]
+        values = torch.cat([self.negative_values, value_states], dim=-2)
+        self.negative_keys = keys[:, :, -self.sliding_window + 1:, :]  # [B, Hkv, min(K + 1, w - 1), d]
+        self.negative_values = values[:, :, -self.sliding_window + 1:, :]
+        return keys, values
+
+    def _negative_mask(self, mask: torch.Tensor, keys: int) -> torch.Tensor:
+        """The last ``keys`` columns of the padding mask [B, 1, 1, Ln+t]: the query (the last
+        position) sees every one of them through the window (``keys <= window``)."""
+        if keys > self.sliding_window:
+            raise MethodError(f"packed negative cache: {keys} negative positions exceed the sliding window "
+                              f"({self.sliding_window})")
+        return mask[..., -keys:]  # [B, 1, 1, keys]
+
+    @property
+    def negative_length(self) -> int:
+        """Positions of the negative rows so far (their own prompt plus the steps); the store keeps
+        the last ``window - 1`` of them."""
+        return self.negative_seen
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise MethodError("packed negative cache: cropping a sliding-window layer is not supported")
+
+
+def _packed_layer(plain: Any, negative: Any, state: _PackedState) -> PackedLayer:
+    """The packed layer standing for ``plain`` (a ``DynamicLayer`` or ``DynamicSlidingWindowLayer``
+    of the main rows) with ``negative``'s rows (the same type, the negative rows alone)."""
+    if type(plain) is DynamicSlidingWindowLayer:
+        return SlidingPackedLayer(plain, negative, state)
+    return PackedLayer(plain, negative.keys.to(plain.keys.device), negative.values.to(plain.values.device), state)
 
 
 def _why_not_packed(main: Any, negative: Any, layers: Any, model: Any) -> str | None:
     """Why the negative rows cannot be packed into ``main`` (None: they can). The packed layers
-    replace plain ``DynamicLayer`` layers only, and need the attention of decoder layer ``i`` to
-    update cache layer ``i`` and to run through innersight's dispatcher (SDPA)."""
+    replace plain ``DynamicLayer`` and ``DynamicSlidingWindowLayer`` layers only (the negative
+    cache's layer ``i`` of the same type and window as the main one's, a sliding layer not recording
+    its past and holding its last ``window - 1`` positions), and need the attention of decoder
+    layer ``i`` to update cache layer ``i`` and to run through innersight's dispatcher (SDPA)."""
     main_layers, neg_layers = getattr(main, "layers", None), getattr(negative, "layers", None)
     if getattr(main, "offloading", False):
         return "the KV cache is offloaded"
     if not main_layers or not neg_layers or len(main_layers) != len(neg_layers) or len(main_layers) != len(layers):
         return "the KV cache's layers do not match the decoder's layers one to one"
-    kinds = {type(x).__name__ for x in [*main_layers, *neg_layers] if type(x) is not DynamicLayer}
+    kinds = {type(x).__name__ for x in [*main_layers, *neg_layers] if type(x) not in _PACKABLE}
     if kinds:
-        return (f"the KV cache holds {', '.join(sorted(kinds))} layers (only plain DynamicLayer layers are packed; "
-                "a sliding window keeps the padded rows' last positions)")
+        return (f"the KV cache holds {', '.join(sorted(kinds))} layers (only plain DynamicLayer and "
+                "DynamicSlidingWindowLayer layers are packed)")
     if not all(x.is_initialized for x in [*main_layers, *neg_layers]):
         return "a KV cache layer was not filled at the prefill"
+    for i, (a, b) in enumerate(zip(main_layers, neg_layers)):
+        why = _why_not_packed_layer(a, b)
+        if why is not None:
+            return f"KV cache layer {i}: {why}"
     for i, layer in enumerate(layers):
         if getattr(layer.self_attn, "layer_idx", None) != i:
             return f"decoder layer {i}'s attention does not say it updates cache layer {i} (layer_idx)"
     current = text_attention(model)
     if current not in ("sdpa", IMPLEMENTATION):
         return f"the text attention is {current!r}; the packed rows run through innersight's SDPA dispatcher"
+    return None
+
+
+#: the cache layer types a packed layer can stand for
+_PACKABLE = (DynamicLayer, DynamicSlidingWindowLayer)
+
+
+def _why_not_packed_layer(main: Any, negative: Any) -> str | None:
+    """Why the main cache layer ``main`` cannot be packed with the negative rows' layer
+    ``negative`` (None: it can): layers of different types, sliding windows, a sliding layer
+    recording its past states (assisted decoding) or not holding its last ``window - 1`` positions."""
+    if type(main) is not type(negative):
+        return f"the main rows' layer is a {type(main).__name__}, the negative rows' a {type(negative).__name__}"
+    if type(main) is not DynamicSlidingWindowLayer:
+        return None
+    if main.sliding_window != negative.sliding_window:
+        return f"sliding windows of {main.sliding_window} and {negative.sliding_window} positions"
+    if main.record_past or negative.record_past:
+        return "a sliding-window layer records its past states"
+    if negative.keys.shape[-2] != min(int(negative.cumulative_length), main.sliding_window - 1):
+        return "the negative rows' sliding-window layer does not hold its last window - 1 positions"
     return None
 
 
@@ -675,8 +800,9 @@ class NegativeBranch:
 
     @property
     def negative_length(self) -> int | None:
-        """Positions the packed negative store holds now (its own prompt plus the steps so far);
-        None unless the branch runs packed."""
+        """Positions of the packed negative rows so far (their own prompt plus the steps; a
+        sliding-window layer's store keeps the last ``window - 1`` of them); None unless the branch
+        runs packed."""
         return self._packed[0].negative_length if self._packed else None
 
     # ------------------------------------------------------------------ the packed negative cache
@@ -692,7 +818,7 @@ class NegativeBranch:
         state = _PackedState(rows=self._rows)
         self._packed_state = state
         for i, (plain, neg) in enumerate(zip(main.layers, negative.layers)):
-            layer = PackedLayer(plain, neg.keys.to(plain.keys.device), neg.values.to(plain.values.device), state)
+            layer = _packed_layer(plain, neg, state)
             main.layers[i] = layer
             self._packed.append(layer)
         self._scope.enter_context(packed_rows(self._layers, dict(enumerate(self._packed))))
@@ -711,7 +837,7 @@ class NegativeBranch:
         """After a batched step: every packed layer's negative rows were read by the attention."""
         for i, layer in enumerate(self._packed):
             if layer.pending is not None:
-                layer.pending = None
+                layer.pending = layer._pending_tail = None
                 raise MethodError(f"packed negative cache: layer {i}'s attention did not read the negative rows "
                                   "(it does not run through innersight's attention dispatcher)")
 

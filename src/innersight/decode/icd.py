@@ -23,10 +23,11 @@ model's instruction is disturbed (the Q-Former tokens are the main branch's).
 
 The branch runs batched (:class:`~.contrast.NegativeBranch`) although the disturbed prompt is
 *longer* than the main prompt: its rows keep their keys and values at their own length (the packed
-negative cache), so the main cache is untouched. Where the rows cannot be packed (an attention
-implementation other than SDPA, a sliding-window or offloaded cache) the padded merge cannot hold
-them either, and the branch runs serially (one extra forward per token, the same tokens) with the
-reason in the answer's details; ``branch="serial"`` asks for that.
+negative cache; Gemma 3's sliding-window cache layers keep the last ``window - 1`` of their own
+positions), so the main cache is untouched. Where the rows cannot be packed (an attention
+implementation other than SDPA, an offloaded cache) the padded merge cannot hold them either, and
+the branch runs serially (one extra forward per token, the same tokens) with the reason in the
+answer's details; ``branch="serial"`` asks for that.
 """
 
 from __future__ import annotations
