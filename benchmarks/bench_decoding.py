@@ -107,13 +107,9 @@ def make_mllm(shape: str, processor_path: str | Path, device: str = "cpu", dtype
               seed: int = 0) -> Any:
     """A random-weight ``LlavaForConditionalGeneration`` of ``shape`` built in memory on ``device``
     (no weights written to disk), wrapped as an :class:`innersight.MLLM` with its adapter."""
-    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from innersight.adapters import adapter_class
-    from innersight.loading import resolve_device, resolve_dtype
-    from innersight.mllm import MLLM
-    from innersight.testing.tiny.tokenizer import set_special_ids
 
     s = SHAPES[shape]
     cls = adapter_class("llava")
@@ -132,14 +128,29 @@ def make_mllm(shape: str, processor_path: str | Path, device: str = "cpu", dtype
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+    return random_mllm(LlavaForConditionalGeneration, config, processor, cls, f"random-llava-{shape}",
+                       device, dtype, seed)
+
+
+def random_mllm(model_class: Any, config: Any, processor: Any, adapter_cls: Any, name: str,
+                device: str = "cpu", dtype: str | None = None, seed: int = 0) -> Any:
+    """``model_class`` with random weights (seeded) built from ``config`` in memory on ``device``
+    (SDPA attention, eval mode, the tokenizer's special ids), wrapped as an :class:`innersight.MLLM`
+    with ``adapter_cls``."""
+    import torch
+
+    from innersight.loading import resolve_device, resolve_dtype
+    from innersight.mllm import MLLM
+    from innersight.testing.tiny.tokenizer import set_special_ids
+
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     torch.manual_seed(seed)
     with torch.device(dev):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+        model = model_class._from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
     model.eval()
-    set_special_ids(model, tok)
-    return MLLM(model, processor, cls(model, processor), name=f"random-llava-{shape}")
+    set_special_ids(model, processor.tokenizer)
+    return MLLM(model, processor, adapter_cls(model, processor), name=name)
 
 
 def random_image(seed: int = 0) -> Any:

@@ -58,6 +58,7 @@ from bench_decoding import (  # noqa: E402
     parser,
     processor_dir,
     random_image,
+    random_mllm,
     summarise,
     table,
     timed,
@@ -195,14 +196,10 @@ def make_qwen2_vl(shape: str, processor_path: str | Path, device: str = "cpu", d
     (``proxy``: 768 wide, 12 layers, 12 heads, no grouped KV, MLP 2048, vocabulary 32064, as the
     LLaVA proxy) and a Qwen2-VL vision tower of ``shape``'s vision sizes (``proxy``: 256 wide,
     4 blocks, 8 heads, MLP ratio 2; patch 14, merge 2), wrapped as an :class:`innersight.MLLM`."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from innersight.adapters import adapter_class
-    from innersight.loading import resolve_device, resolve_dtype
-    from innersight.mllm import MLLM
     from innersight.testing.tiny.qwen2_vl import default_mrope_section
-    from innersight.testing.tiny.tokenizer import set_special_ids
 
     s = SHAPES[shape]
     cls = adapter_class("qwen2_vl")
@@ -227,14 +224,8 @@ def make_qwen2_vl(shape: str, processor_path: str | Path, device: str = "cpu", d
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-    model.eval()
-    set_special_ids(model, tok)
-    return MLLM(model, processor, cls(model, processor), name=f"random-qwen2-vl-{shape}")
+    return random_mllm(Qwen2VLForConditionalGeneration, config, processor, cls, f"random-qwen2-vl-{shape}",
+                       device, dtype, seed)
 
 
 def capture_memory(mllm: Any, device: str, repeats: int = 3, image: Any = None) -> dict[str, float]:

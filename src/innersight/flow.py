@@ -208,7 +208,7 @@ class Plan:
         (the methods', then the caller's) that read the final scores and return them unchanged (e.g.
         a confidence recorder).
 
-        ``start(mllm, batch)``: a prefill the caller owns (ViCrop rel-att's answer from its capture's
+        ``start(mllm, batch)``: a prefill the caller owns (ViCrop's answer from its map's
         prefix, :mod:`innersight.look.answer_prefix`), asked only when :meth:`prefill_conflict` is
         None: it returns a :class:`Continuation` (``generate`` continues from its KV cache) or None
         (the batch is generated as usual)."""

@@ -385,7 +385,7 @@ def test_generate_continues_from_a_prefilled_cache(tiny_mllm, family):
 
 def test_cache_layers_rebuild_the_cache(tiny_mllm):
     """The kept prefix reads each layer's ``keys`` / ``values`` (``cache.layers``) and
-    :func:`AP.prefix_cache` rebuilds a cache of the first positions from them."""
+    :func:`AP.aligned_cache` rebuilds a cache of the first positions from them."""
     from transformers import DynamicCache
 
     mllm = tiny_mllm("llava")
@@ -395,7 +395,8 @@ def test_cache_layers_rebuild_the_cache(tiny_mllm):
         mllm.model(**batch.inputs, use_cache=True, **{cache_argument(mllm.model.forward): cache})
     layers = [(layer.keys, layer.values) for layer in cache.layers]
     assert len(layers) == mllm.adapter.num_layers
-    rebuilt = AP.prefix_cache(layers, 5)
+    kept = AP.KeptPrefix([batch.input_ids[0]], {}, layers)  # one unpadded row: the whole prompt
+    rebuilt = AP.aligned_cache([kept], [5])
     assert rebuilt.get_seq_length() == 5
     for (k, v), layer in zip(layers, rebuilt.layers):
         assert torch.equal(layer.keys, k[:, :, :5]) and torch.equal(layer.values, v[:, :, :5])

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,11 +83,6 @@ class PrefixKeeper:
         """Every capture's prefix, in capture order; None when none ran."""
         return list(self.parts) or None
 
-    def stop_layer(self, decoder_layers: Any) -> int:
-        """The layer whose attention ends the prefix pass: the last, so that every layer's keys
-        and values are in the cache (the pass needs no hidden state above them)."""
-        return len(decoder_layers) - 1
-
     def keep(self, cache: Any, prefix_ids: list[torch.Tensor], image_inputs: dict[str, Any]) -> None:
         """Record the prefix pass's cache (one left-padded row per sample, every layer filled
         over the widest prefix; ``prefix_ids``: each sample's ids, unpadded) before the suffix
@@ -118,16 +113,6 @@ def keeping_prefix() -> Iterator[PrefixKeeper]:
         yield keeper
     finally:
         _KEEPER.reset(token)
-
-
-def prefix_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> Any:
-    """A new ``DynamicCache`` holding the first ``length`` positions of every layer."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(layers):
-        cache.update(keys[:, :, :length], values[:, :, :length], index)  # [1, H_kv, length, D]
-    return cache
 
 
 def aligned_cache(parts: list[KeptPrefix], common: list[int]) -> Any:
@@ -275,24 +260,36 @@ def _tiled(method: Any, image_lists: list[list[Any]]) -> bool:
     return config is not None and any(tile_grid_for(ims[0], config) is not None for ims in image_lists if ims)
 
 
-def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str,
-                generate: Any) -> tuple[list[list[int]], list[str], list[dict[str, Any]], dict[str, Any]]:
-    """ViCrop's map, box and crop (``method.apply``), then one generate of the answers, continued
-    from the capture's prefix where exact (module docstring); records ``answer_prefix`` in each
-    sample's ``details[method.name]``."""
+def answer_from_maps(method: Any, image_lists: list[list[Any]], questions: list[str], generate: Any,
+                     map_rows: Callable[[], tuple[list[list[Any]], list[dict[str, Any]]]],
+                     observers: Sequence[Any] = ()) -> tuple[Any, list[list[Any]], list[dict[str, Any]]]:
+    """``map_rows()`` (ViCrop's maps, boxes and crops for ``image_lists``: the answer's image lists
+    and extras), then one ``generate`` of the answers, continued from the maps' prefixes where
+    exact (module docstring); records ``answer_prefix`` in each extra's ``details[method.name]``.
+    Returns (generate's output, the image lists, the extras)."""
     conflict = getattr(generate, "prefill_conflict", "the caller's generate takes no prefill")
     if conflict is None and _tiled(method, image_lists):
         conflict = "a tiled image (its maps' prefixes are tiles)"
+    kwargs: dict[str, Any] = {"observers": observers} if observers else {}
     if conflict is not None:
-        lists, extras = method.apply(mllm, image_lists, questions, template)
-        out = generate(lists, questions)
+        lists, extras = map_rows()
+        out = generate(lists, questions, **kwargs)
         outcome: dict[str, Any] = {"reused": False, "why": conflict}
     else:
         with keeping_prefix() as keeper:
-            lists, extras = method.apply(mllm, image_lists, questions, template)
+            lists, extras = map_rows()
         start = AnswerPrefix(keeper.kept)
-        out = generate(lists, questions, start=start)
+        out = generate(lists, questions, start=start, **kwargs)
         outcome = start.outcome
     for extra in extras:
         extra.setdefault("details", {}).setdefault(method.name, {})["answer_prefix"] = dict(outcome)
+    return out, lists, extras
+
+
+def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions: list[str], template: str,
+                generate: Any) -> tuple[list[list[int]], list[str], list[dict[str, Any]], dict[str, Any]]:
+    """ViCrop's map, box and crop (``method.apply``), then one generate of the answers
+    (:func:`answer_from_maps`)."""
+    out, _, extras = answer_from_maps(method, image_lists, questions, generate,
+                                      lambda: method.apply(mllm, image_lists, questions, template))
     return out.ids, list(out.batch.prompts), extras, out.details

@@ -68,7 +68,6 @@ it pays ViCrop's map cost on every question.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -267,22 +266,15 @@ def answer_rows(method: Any, mllm: Any, image_lists: list[list[Any]], questions:
     extras = [plain_extras(method, m, gate_report(config, m, c, False)) for m, c in zip(maps, confidences)]
     chosen = [i for i, k in enumerate(crop) if k]
     if chosen:  # ViCrop on the cropped rows only: one map pass and one generate for k rows
-        from .answer_prefix import AnswerPrefix, keeping_prefix
+        from .answer_prefix import answer_from_maps
 
         # the crop answer continues from the map's prefix cache where exact (look/answer_prefix.py)
-        conflict = getattr(generate, "prefill_conflict", "the caller's generate takes no prefill")
-        start = None
-        with keeping_prefix() if conflict is None else contextlib.nullcontext() as keeper:
-            lists, more = method.crop_rows([image_lists[i] for i in chosen], [questions[i] for i in chosen],
-                                           mllm, template)
-        if keeper is not None:
-            start = AnswerPrefix(keeper.kept)
+        lists_in, asked = [image_lists[i] for i in chosen], [questions[i] for i in chosen]
         observed = FirstStepConfidence()
-        second = generate(lists, [questions[i] for i in chosen], observers=[observed], start=start)
+        second, _, more = answer_from_maps(method, lists_in, asked, generate,
+                                           lambda: method.crop_rows(lists_in, asked, mllm, template),
+                                           observers=[observed])
         assert observed.values is not None
-        outcome = start.outcome if start is not None else {"reused": False, "why": conflict}
-        for extra in more:
-            extra.setdefault("details", {}).setdefault(method.name, {})["answer_prefix"] = dict(outcome)
         details.update(second.details)
         for j, (i, crop_confidence) in enumerate(zip(chosen, observed.values.tolist())):
             keep = keeps_crop_answer(confidences[i], crop_confidence, config.gate_arbitrate)

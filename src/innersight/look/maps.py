@@ -254,7 +254,7 @@ def shared_prefix_grad_att(mllm: Any, batch: Batch, capture: AttentionCapture) -
     Exact: dv/dA at the last position's attention row touches only that position's later hidden
     states, never an earlier position's keys or values, so the prefix's keys and values are
     constants of the derivative. The prefix pass runs every layer (the suffix attends to all of
-    them); a one-sample prefix is kept for the final answer (:mod:`innersight.look.answer_prefix`).
+    them); the prefix is kept for the final answer (:mod:`innersight.look.answer_prefix`).
     """
     from .prefix import answer_keeper, prefix_pass, split_prefix, suffix_pass
 
@@ -265,10 +265,7 @@ def shared_prefix_grad_att(mllm: Any, batch: Batch, capture: AttentionCapture) -
     last = len(adapter.decoder_layers) - 1
     # no graph, but not inference mode: the suffix's graph reads these keys and values
     with torch.no_grad(), frozen_parameters(model):
-        cache = prefix_pass(mllm, split, last)
-    keeper = answer_keeper(mllm, batch)
-    if keeper is not None:
-        keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
+        cache = prefix_pass(mllm, split, last, keeper=answer_keeper(mllm, batch))
     with grad_from(adapter.decoder_layers[capture.layer], model):
         output = suffix_pass(mllm, split, cache, {capture.layer: capture.handler}, **last_logits_kwargs(model))
         assert output is not None

@@ -108,9 +108,6 @@ class PrefixSplit:
     length: int  # L, the joint batch's length
     starts: list[int]  # left padding of each joint row
     common: list[int]  # prefix length of each sample
-    #: suffix rows are sample-major (sample i's k rows adjacent, as the cache's rows repeat):
-    #: suffix row j is joint row order[j]
-    order: list[int]
     suffix_lengths: list[int]  # suffix length of each suffix row
     prefix_ids: torch.Tensor  # [n, P]
     prefix_mask: torch.Tensor  # [n, P]
@@ -124,6 +121,12 @@ class PrefixSplit:
     @property
     def width(self) -> int:
         return int(self.prefix_ids.shape[1])
+
+    @property
+    def order(self) -> list[int]:
+        """Suffix rows are sample-major (sample ``i``'s ``k`` rows adjacent, as the cache's rows
+        repeat): suffix row ``j`` is joint row ``order[j]``."""
+        return [m * self.n + i for i in range(self.n) for m in range(self.k)]
 
     def sample_prefixes(self) -> list[torch.Tensor]:
         """Each sample's prefix ids without padding: n x [c_i]."""
@@ -199,7 +202,7 @@ def split_prefix(mllm: Any, batch: Batch, n: int, k: int) -> PrefixSplit | None:
     suffix_pos = _left_pad_positions([positions[:, r, starts[r] + common[r % n]:] for r in order],
                                      s_width)  # [K, k n, S]
     return PrefixSplit(n=n, k=k, length=length, starts=starts, common=common,
-                       order=order, suffix_lengths=[s.numel() for s in suffixes],
+                       suffix_lengths=[s.numel() for s in suffixes],
                        prefix_ids=prefix_ids.to(device), prefix_mask=prefix_mask.to(device),
                        prefix_positions=_left_pad_positions(prefix_rows, width).to(device),
                        token_inputs=token_inputs, suffix_ids=suffix_ids.to(device),
@@ -207,10 +210,12 @@ def split_prefix(mllm: Any, batch: Batch, n: int, k: int) -> PrefixSplit | None:
                        image_inputs=adapter.sample_image_inputs(batch, n))
 
 
-def prefix_pass(mllm: Any, split: PrefixSplit, stop_layer: int, image_inputs: dict[str, Any] | None = None) -> Any:
+def prefix_pass(mllm: Any, split: PrefixSplit, stop_layer: int, image_inputs: dict[str, Any] | None = None,
+                keeper: Any = None) -> Any:
     """Run the prefixes (one row per sample, with their images: ``image_inputs``, default the
     split's) up to ``stop_layer``'s attention, whose keys and values are the last written; returns
-    the ``DynamicCache``. The grad mode is the caller's."""
+    the ``DynamicCache``, handed to ``keeper`` (:func:`answer_keeper`) before any suffix grows it.
+    The grad mode is the caller's."""
     from transformers import DynamicCache
 
     model, cache = mllm.model, DynamicCache()
@@ -223,6 +228,8 @@ def prefix_pass(mllm: Any, split: PrefixSplit, stop_layer: int, image_inputs: di
         except StopForward:
             pass
     _check_length(cache, split.width, "prefix")
+    if keeper is not None:
+        keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
     return cache
 
 
@@ -283,10 +290,9 @@ def shared_prefix_capture(mllm: Any, batch: Batch, n: int, layer: int,
     if split is None:
         return None
     with torch.inference_mode():
-        # the final answer may continue from this prefix (one sample): then every layer fills the cache
+        # the final answer may continue from this prefix: then every layer fills the cache
         keeper = answer_keeper(mllm, batch)
-        cache = prefix_pass(mllm, split, layer if keeper is None else keeper.stop_layer(mllm.adapter.decoder_layers))
-        if keeper is not None:
-            keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
+        stop_layer = layer if keeper is None else len(mllm.adapter.decoder_layers) - 1
+        cache = prefix_pass(mllm, split, stop_layer, keeper=keeper)
         suffix_pass(mllm, split, cache, {layer: capture_handler})
     return split.scatter(capture_probs())  # [2n, H, L]

@@ -87,7 +87,7 @@ def shared_prefix_pixel_gradients(mllm: Any, batch: Any, n: int) -> torch.Tensor
     The prefix pass records the graph from the pixels through the vision tower and every decoder
     layer (the suffixes attend to all of them); the question rows' confidence and the generic
     rows' are differentiated separately (two backward passes through the shared graph: the two
-    gradients differ and the prefix is one tensor). A one-sample prefix's keys and values are kept,
+    gradients differ and the prefix is one tensor). The prefix's keys and values are kept,
     detached, for the final answer (:mod:`innersight.look.answer_prefix`).
     """
     from .prefix import answer_keeper, prefix_pass, split_prefix, suffix_pass
@@ -97,16 +97,15 @@ def shared_prefix_pixel_gradients(mllm: Any, batch: Any, n: int) -> torch.Tensor
         return None
     full = batch.inputs["pixel_values"]
     pixels = split.image_inputs["pixel_values"].detach().clone().requires_grad_(True)  # the first n samples' rows
-    if (2 * pixels.shape[0], *pixels.shape[1:]) != tuple(full.shape) or not torch.equal(
-            torch.cat([pixels.detach(), pixels.detach()]), full):
+    m = pixels.shape[0]
+    if (2 * m, *pixels.shape[1:]) != tuple(full.shape) or not (torch.equal(full[:m], pixels.detach())
+                                                                and torch.equal(full[m:], full[:m])):
         return None  # the joint batch's image rows are not the prefix's, twice
     model = mllm.model
     last = len(mllm.adapter.decoder_layers) - 1
     with torch.enable_grad(), frozen_parameters(model):
-        cache = prefix_pass(mllm, split, last, {**split.image_inputs, "pixel_values": pixels})
-        keeper = answer_keeper(mllm, batch)
-        if keeper is not None:
-            keeper.keep(cache, split.sample_prefixes(), split.image_inputs)
+        cache = prefix_pass(mllm, split, last, {**split.image_inputs, "pixel_values": pixels},
+                            keeper=answer_keeper(mllm, batch))
         output = suffix_pass(mllm, split, cache, {}, **last_logits_kwargs(model))
         assert output is not None
         value = split.to_joint(answer_confidence(output.logits))  # [2n] questions, then generic rows

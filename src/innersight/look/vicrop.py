@@ -106,7 +106,7 @@ class ViCropConfig:
     #: encode each image and the prompt prefix holding it once (:mod:`innersight.look.prefix`): the
     #: vision pass and the decoder prefix run for one row and the map's rows continue from its KV
     #: cache (rel-att, pure-grad: the question and generic rows; grad-att: the question, the
-    #: prefix without a graph); a one-sample answer then continues from that cache too
+    #: prefix without a graph); the answer then continues from that cache too
     #: (:mod:`innersight.look.answer_prefix`). False, or a family it does not apply to: the
     #: map's rows run as full prompts
     shared_prefix: bool = True
